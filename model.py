@@ -1,0 +1,140 @@
+"""U-Net (Ronneberger et al., 2015) for 2-D segmentation.
+
+Differences from the original post, each a bug fix:
+
+* ``bilinear=False`` works: the transposed convolution halves the channels *before* concatenation,
+  so the following DoubleConv sees ``in_channels`` (the post's version crashed with a channel
+  mismatch).
+* Any input size >= 16 (odd sizes included, e.g. 33x47) gives an output of the same H x W: every
+  up-sampled map is padded to its skip connection's size before concatenation.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MIN_INPUT_SIZE = 16  # four 2x poolings need at least 16 px to keep a 1x1 bottleneck
+
+
+class DoubleConv(nn.Module):
+    """(Conv3x3 -> BN -> ReLU) x 2."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        # no conv bias: the BatchNorm right after it has its own shift
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x)
+
+
+class Down(nn.Module):
+    """MaxPool 2x2 then DoubleConv."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.maxpool_conv(x)
+
+
+class Up(nn.Module):
+    """Up-sample ``x1``, pad it to the skip ``x2``'s size, concatenate, DoubleConv.
+
+    ``in_channels`` is the channel count after concatenation.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, bilinear: bool = True):
+        super().__init__()
+        if bilinear:
+            self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
+            self.conv = DoubleConv(in_channels, out_channels)
+        else:
+            self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
+            self.conv = DoubleConv(in_channels, out_channels)
+
+    def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+        x1 = self.up(x1)
+        dy, dx = x2.size(2) - x1.size(2), x2.size(3) - x1.size(3)
+        if dy or dx:  # odd sizes: pooling floored, so the up-sampled map is 1 px short
+            x1 = F.pad(x1, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        return self.conv(torch.cat([x2, x1], dim=1))
+
+
+class OutConv(nn.Module):
+    """1x1 convolution to the class logits."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+@dataclass
+class UNetArgs:
+    """Everything needed to rebuild a :class:`UNet`; stored in every checkpoint as ``model_args``."""
+
+    n_channels: int = 1
+    n_classes: int = 1
+    base_channels: int = 64
+    bilinear: bool = True
+
+
+class UNet(nn.Module):
+    """Four-level U-Net. ``n_classes == 1`` -> one sigmoid logit; ``> 1`` -> softmax logits."""
+
+    def __init__(self, n_channels: int = 1, n_classes: int = 1, base_channels: int = 64, bilinear: bool = True):
+        super().__init__()
+        if min(n_channels, n_classes, base_channels) < 1:
+            raise ValueError("n_channels, n_classes and base_channels must be >= 1")
+        self.args = UNetArgs(n_channels, n_classes, base_channels, bilinear)
+        c = base_channels
+        factor = 2 if bilinear else 1
+        self.inc = DoubleConv(n_channels, c)
+        self.down1 = Down(c, c * 2)
+        self.down2 = Down(c * 2, c * 4)
+        self.down3 = Down(c * 4, c * 8)
+        self.down4 = Down(c * 8, c * 16 // factor)
+        self.up1 = Up(c * 16, c * 8 // factor, bilinear)
+        self.up2 = Up(c * 8, c * 4 // factor, bilinear)
+        self.up3 = Up(c * 4, c * 2 // factor, bilinear)
+        self.up4 = Up(c * 2, c, bilinear)
+        self.outc = OutConv(c, n_classes)
+
+    @property
+    def model_args(self) -> dict:
+        return asdict(self.args)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or x.size(1) != self.args.n_channels:
+            raise ValueError(f"expected input of shape (N, {self.args.n_channels}, H, W), got {tuple(x.shape)}")
+        if min(x.shape[-2:]) < MIN_INPUT_SIZE:
+            raise ValueError(f"input H and W must be >= {MIN_INPUT_SIZE}, got {tuple(x.shape[-2:])}")
+        x1 = self.inc(x)
+        x2 = self.down1(x1)
+        x3 = self.down2(x2)
+        x4 = self.down3(x3)
+        x5 = self.down4(x4)
+        x = self.up1(x5, x4)
+        x = self.up2(x, x3)
+        x = self.up3(x, x2)
+        x = self.up4(x, x1)
+        return self.outc(x)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of trainable parameters."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

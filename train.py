@@ -1,0 +1,369 @@
+"""Training: config, data splits, the epoch loop, evaluation and self-describing checkpoints.
+
+The loop fits on a screen (:func:`fit`). Everything the loop needs arrives as arguments: a model, the
+train/validation arrays and a :class:`TrainConfig`. The test split is never seen here: the checkpoint
+is chosen on validation Dice and the LR scheduler steps on validation loss.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import pickle
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from errors import CheckpointError, ConfigError
+from metrics import logits_to_labels, per_case_scores, segmentation_loss, summarize
+from model import UNet, UNetArgs
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "medseg-unet/1"
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run; stored verbatim in each checkpoint."""
+
+    epochs: int = 5
+    num_samples: int = 200
+    image_size: int = 64
+    base_channels: int = 64
+    bilinear: bool = True
+    batch_size: int = 4
+    lr: float = 1e-3
+    seed: int = 42
+    difficulty: str = "seed"
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU supports it, else fp32
+    channels_last: bool = True
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    lr_factor: float = 0.5
+    lr_patience: int = 5
+    threshold: float = 0.5
+    num_workers: int = 0  # in-memory arrays: worker processes only add start-up cost (and Windows pickling)
+    output_dir: str = "output_figures"
+    checkpoint: str = "best_unet.pth"
+    progress: bool = True
+
+    def validate(self) -> None:
+        """Raise :class:`ConfigError` listing every invalid value at once."""
+        problems = []
+        for name in ("epochs", "num_samples", "base_channels", "batch_size"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
+        if self.image_size < 16:
+            problems.append(f"--image-size must be >= 16 (got {self.image_size})")
+        if not self.lr > 0:
+            problems.append(f"--lr must be > 0 (got {self.lr})")
+        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
+            problems.append("val_fraction and test_fraction must be in [0, 1) and sum to < 1")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            problems.append(f"--precision must be auto, fp32 or bf16 (got {self.precision!r})")
+        if problems:
+            raise ConfigError("invalid configuration: " + "; ".join(problems))
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        """Rebuild from a checkpoint's ``config`` (unknown keys from other versions are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+# --------------------------------------------------------------------------------- environment
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy's legacy global RNG (for third-party code) and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """``auto`` picks cuda > mps > cpu; an explicit name that is unavailable is an error."""
+    mps = getattr(torch.backends, "mps", None)
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": bool(mps and mps.is_available())}
+    if name == "auto":
+        return torch.device(next(d for d in ("cuda", "mps", "cpu") if available[d]))
+    if name not in available:
+        raise ConfigError(f"unknown device {name!r} (expected auto, cpu, cuda or mps)")
+    if not available[name]:
+        raise ConfigError(f"device {name!r} was requested but is not available on this machine (try --device auto)")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """True where bf16 autocast is fast: CPUs with AVX512-BF16/AMX, CUDA GPUs with bf16 support."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(torch.backends.mkldnn.is_available() and torch.cpu._is_avx512_bf16_supported())
+    return False
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """Turn ``auto`` into ``bf16`` or ``fp32`` for this device; refuse bf16 where it is not supported."""
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "bf16" and not bf16_supported(device):
+        raise ConfigError(f"--precision bf16 is not supported on {device} (use fp32 or auto)")
+    return precision
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast context for ``precision == 'bf16'``, else a no-op."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------- data
+class ArrayDataset(Dataset):
+    """In-memory (images (N, C, H, W) float32, labels (N, H, W) uint8), fetched a whole batch at a time.
+
+    ``__getitems__`` lets the DataLoader slice a batch in one tensor op instead of N Python calls.
+    Module-level and free of lambdas, so it pickles into worker processes on Windows too.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor):
+        if images.dim() != 4 or labels.dim() != 3 or images.shape[0] != labels.shape[0] or images.shape[2:] != labels.shape[1:]:
+            raise ValueError(f"expected images (N, C, H, W) and labels (N, H, W), got {tuple(images.shape)} and {tuple(labels.shape)}")
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.images[i], self.labels[i]
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        idx_t = torch.as_tensor(idx)
+        return self.images[idx_t], self.labels[idx_t]
+
+
+def _keep_batch(batch):
+    return batch  # __getitems__ already returns the stacked batch
+
+
+def make_loader(data: ArrayDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
+    """A seeded DataLoader over an :class:`ArrayDataset` (same seed -> same batch order)."""
+    gen = torch.Generator().manual_seed(seed)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers,
+                      collate_fn=_keep_batch, persistent_workers=num_workers > 0)
+
+
+def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
+    """Seeded random train/val/test split of ``range(n)`` (val and test get at least one item each when asked)."""
+    perm = np.random.default_rng(seed).permutation(n)
+    n_test = max(1, int(round(n * test_fraction))) if test_fraction > 0 else 0
+    n_val = max(1, int(round(n * val_fraction))) if val_fraction > 0 else 0
+    if n - n_test - n_val < 1:
+        raise ConfigError(f"{n} samples are too few for a train/val/test split of {val_fraction}/{test_fraction}")
+    return {"test": np.sort(perm[:n_test]), "val": np.sort(perm[n_test:n_test + n_val]),
+            "train": np.sort(perm[n_test + n_val:])}
+
+
+# ------------------------------------------------------------------------------- train / eval
+def build_model(model_args: dict | UNetArgs) -> UNet:
+    """Rebuild a U-Net from its ``model_args``."""
+    args = model_args if isinstance(model_args, UNetArgs) else UNetArgs(**model_args)
+    return UNet(**asdict(args))
+
+
+def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+
+def train_one_epoch(model: UNet, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
+                    precision: str = "fp32", channels_last: bool = False, desc: str = "",
+                    progress: bool = True, augment: Callable | None = None) -> float:
+    """One pass over ``loader``; returns the mean training loss per image."""
+    model.train()
+    total, count = 0.0, 0
+    with tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch") as bar:
+        for images, labels in bar:
+            if augment is not None:
+                images, labels = augment(images, labels)
+            images, labels = _to_device(images, device, channels_last), labels.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(device, precision):
+                logits = model(images)
+            loss = segmentation_loss(logits, labels)
+            loss.backward()
+            optimizer.step()
+            total += loss.item() * len(images)
+            count += len(images)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+    return total / max(count, 1)
+
+
+@torch.inference_mode()
+def predict_logits(model: UNet, images: torch.Tensor, batch_size: int, device: torch.device,
+                   precision: str = "fp32", channels_last: bool = False) -> torch.Tensor:
+    """Logits (N, C, H, W) in fp32 on the CPU for in-memory ``images`` (N, C, H, W)."""
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        with autocast(device, precision):
+            out.append(model(_to_device(images[i:i + batch_size], device, channels_last)).float().cpu())
+    return torch.cat(out)
+
+
+def evaluate(model: UNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
+             precision: str = "fp32", channels_last: bool = False, threshold: float = 0.5) -> dict:
+    """Loss and per-image scores on a split. Returns ``{"loss", "scores", "summary", "pred"}``.
+
+    Binary models: scores of the foreground; multi-class: scores per class (``scores[c]``) and the
+    summary's ``dice``/``iou``/... are the means over foreground classes.
+    """
+    logits = predict_logits(model, images, batch_size, device, precision, channels_last)
+    loss = float(segmentation_loss(logits, labels).item())
+    pred = logits_to_labels(logits, threshold)
+    n_classes = logits.size(1)
+    if n_classes == 1:
+        scores = per_case_scores(pred, labels > 0)
+        summary = summarize(scores)
+    else:
+        scores = {c: per_case_scores(pred == c, labels == c) for c in range(1, n_classes)}
+        per_class = {c: summarize(s) for c, s in scores.items()}
+        summary = {k: float(np.nanmean([pc[k] for pc in per_class.values()])) for k in ("dice", "iou", "sensitivity", "precision")}
+        summary["per_class"] = per_class
+    return {"loss": loss, "scores": scores, "summary": summary, "pred": pred}
+
+
+# -------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | os.PathLike, model: UNet, config: TrainConfig, epoch: int,
+                    metrics: dict, extra: dict | None = None) -> Path:
+    """Write a self-describing checkpoint atomically (temp file in the same folder, fsync, rename).
+
+    Holds only tensors and plain Python values, so ``torch.load(..., weights_only=True)`` reads it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ckpt = {
+        "format": CHECKPOINT_FORMAT,
+        "model_args": model.model_args,
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "config": asdict(config),
+        "epoch": int(epoch),
+        "metrics": _plain(metrics),
+        "torch_version": str(torch.__version__),
+    }
+    if extra:
+        ckpt.update(_plain(extra))
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UNet, dict]:
+    """Load a checkpoint safely (``weights_only=True``) and rebuild its model from the file alone."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found (train one with `python run.py`)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # weights_only refused a Python object: never run it
+        lines = [ln.strip() for ln in str(exc).splitlines() if "Unsupported global" in ln or "Unsupported operand" in ln]
+        detail = lines[0].replace("WeightsUnpickler error: ", "")[:160] if lines else "arbitrary Python objects"
+        raise CheckpointError(f"{path}: refused to load: the file holds Python objects that could run code "
+                              f"when unpickled ({detail}); only weights-only medseg checkpoints are accepted") from exc
+    except Exception as exc:  # corrupt, truncated or not a torch file at all
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a loadable medseg checkpoint, the file is corrupt or of another kind ({first[:160]})") from exc
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        found = ckpt.get("format", "no 'format' key") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path}: expected a checkpoint of format {CHECKPOINT_FORMAT!r}, found {found!r}")
+    try:
+        model = build_model(ckpt["model_args"])
+        model.load_state_dict(ckpt["state_dict"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: weights do not match the U-Net described by its model_args ({msg[:200]})") from exc
+    return model.to(device).eval(), ckpt
+
+
+def _plain(obj):
+    """Convert NumPy scalars/arrays and paths to plain Python values (JSON- and weights_only-safe)."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+# ------------------------------------------------------------------------------------ the loop
+@dataclass
+class FitResult:
+    history: dict[str, list] = field(default_factory=dict)
+    best_epoch: int = 0
+    best_val: dict = field(default_factory=dict)
+    train_seconds: float = 0.0
+
+
+def fit(model: UNet, train_data: ArrayDataset, val_data: ArrayDataset, cfg: TrainConfig,
+        device: torch.device, precision: str, checkpoint_path: str | os.PathLike,
+        augment: Callable | None = None, extra_checkpoint: dict | None = None) -> FitResult:
+    """Train with Adam + ReduceLROnPlateau(val loss); save the best-validation-Dice model atomically."""
+    model.to(device)
+    if cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
+                                                           patience=cfg.lr_patience)
+    loader = make_loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers)
+    eval_bs = max(cfg.batch_size, 16)
+    res = FitResult(history={k: [] for k in ("epoch", "train_loss", "val_loss", "val_dice", "val_iou",
+                                             "val_sensitivity", "val_precision", "lr", "seconds")})
+    best_key = (-math.inf, -math.inf)
+    t_start = time.perf_counter()
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        lr = optimizer.param_groups[0]["lr"]
+        train_loss = train_one_epoch(model, loader, optimizer, device, precision, cfg.channels_last,
+                                     desc=f"Epoch {epoch}/{cfg.epochs}", progress=cfg.progress, augment=augment)
+        val = evaluate(model, val_data.images, val_data.labels, eval_bs, device, precision, cfg.channels_last, cfg.threshold)
+        scheduler.step(val["loss"])
+        s = val["summary"]
+        for k, v in (("epoch", epoch), ("train_loss", train_loss), ("val_loss", val["loss"]), ("val_dice", s["dice"]),
+                     ("val_iou", s["iou"]), ("val_sensitivity", s["sensitivity"]), ("val_precision", s["precision"]),
+                     ("lr", lr), ("seconds", time.perf_counter() - t0)):
+            res.history[k].append(v)
+        key = (s["dice"], -val["loss"])
+        if key > best_key:  # best validation Dice, ties broken by lower validation loss
+            best_key, res.best_epoch = key, epoch
+            res.best_val = {"val_loss": val["loss"], **{k: v for k, v in s.items() if k != "per_class"}}
+            save_checkpoint(checkpoint_path, model, cfg, epoch, res.best_val, extra_checkpoint)
+        log.info("Epoch %2d | Train: %.4f | Val: %.4f | Dice: %.4f | IoU: %.4f | lr %.1e | %.1fs%s",
+                 epoch, train_loss, val["loss"], s["dice"], s["iou"], lr, time.perf_counter() - t0,
+                 " *" if res.best_epoch == epoch else "")
+    res.train_seconds = time.perf_counter() - t_start
+    return res
+
