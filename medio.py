@@ -150,21 +150,23 @@ def _geometry(ras_affine: np.ndarray, ndim: int) -> tuple[tuple[float, ...], tup
     return tuple(map(float, origin)), tuple(tuple(map(float, r)) for r in d)
 
 
-def _meta(path: Path, fmt: str, spacing, affine: np.ndarray | None, ndim: int, **kw) -> ImageMeta:
+def _meta(path: Path, fmt: str, spacing, affine: np.ndarray | None, ndim: int, *,
+          store_affine: bool = True, **kw) -> ImageMeta:
+    """Meta with origin/direction derived from ``affine`` (identity when None); shape is set by _read."""
     if affine is None:
         origin, direction = (0.0,) * ndim, tuple(tuple(float(i == j) for j in range(ndim)) for i in range(ndim))
     else:
         origin, direction = _geometry(affine, ndim)
     return ImageMeta(path=str(path), format=fmt, shape=(), spacing=tuple(float(s) for s in spacing),
                      origin=origin, direction=direction,
-                     affine=None if affine is None else affine.tolist(), **kw)
+                     affine=affine.tolist() if affine is not None and store_affine else None, **kw)
 
 
 # ------------------------------------------------------------------------------------------------- readers
 def _read_nifti(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[np.ndarray, ImageMeta]:
     import nibabel as nib
 
-    img = nib.load(str(path))
+    img = nib.load(str(path), mmap=False)
     shape = tuple(img.shape)
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
@@ -193,6 +195,8 @@ def _read_sitk(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[np
     if ndim not in (2, 3):
         raise InputError(f"{path}: {fmt.upper()} image has {ndim} dimensions (expected 2D or 3D)")
     arr = sitk.GetArrayFromImage(img)  # already (Z, Y, X[, C])
+    if channels == 1 and arr.ndim == ndim + 1:
+        arr = arr[..., 0]
     spacing = img.GetSpacing()[::-1]
     if ndim == 3:
         lps = np.eye(4)
@@ -335,14 +339,15 @@ def _pixels(ds, mask: bool) -> np.ndarray:
 
 
 def _dicom_extra(ds, **kw) -> dict[str, Any]:
-    extra = {k: str(ds.get(k, "")) for k in ("Modality", "SeriesInstanceUID", "SeriesDescription")}
+    extra = {key: str(ds.get(tag, "")) for key, tag in (
+        ("modality", "Modality"), ("series_uid", "SeriesInstanceUID"), ("series_description", "SeriesDescription"))}
     extra.update(rescale_slope=float(ds.get("RescaleSlope", 1) or 1),
                  rescale_intercept=float(ds.get("RescaleIntercept", 0) or 0), **kw)
     return extra
 
 
 def _read_dicom(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[np.ndarray, ImageMeta]:
-    if path.is_file() and not zipfile.is_zipfile(path):
+    if path.is_file() and _suffix(path) != ".zip":
         if series is not None:
             raise InputError(f"{path}: series='{series}' given for a single DICOM file (expected a folder or zip)")
         ds = _dcmread(path, str(path))
@@ -351,44 +356,46 @@ def _read_dicom(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[n
         if arr.ndim - (spp > 1) != 2:
             raise InputError(f"{path}: DICOM file holds {arr.shape} pixels (expected one 2D frame; "
                              f"multi-frame files are not supported)")
-        meta = _meta(path, fmt, _dicom_affine(ds, 1.0)[:0].shape and (), None, 2, channels=spp,
-                     extra=_dicom_extra(ds))
-        meta.spacing = tuple(float(v) for v in (ds.get("PixelSpacing") or [1.0, 1.0]))
-        meta.spacing_known = "PixelSpacing" in ds
-        meta.origin, meta.direction = _geometry(_dicom_affine(ds, 1.0), 2)
-        return arr, meta
+        spacing = ds.get("PixelSpacing") or [1.0, 1.0]
+        return arr, _meta(path, fmt, spacing, _dicom_affine(ds, 1.0), 2, store_affine=False,
+                          spacing_known="PixelSpacing" in ds, channels=spp, extra=_dicom_extra(ds))
 
     items, used = _dicom_items(path, series)
-    items = _pick_series(path, items, series, used)
+    return _stack_series(path, fmt, _pick_series(path, items, series, used), mask)
+
+
+def _stack_series(path: Path, fmt: str, items: list, mask: bool) -> tuple[np.ndarray, ImageMeta]:
+    """Sort slices along the slice normal (or by InstanceNumber) and stack them into (Z, Y, X)."""
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
     if len(sizes) > 1:
         raise InputError(f"{path}: DICOM slices have different sizes {sorted(sizes)} (expected one Rows x Columns)")
-    first = items[0][1]
-    if all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in items):
-        iop = np.asarray(first.ImageOrientationPatient, dtype=float)
+    positional = all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in items)
+    if positional:
+        iop = np.asarray(items[0][1].ImageOrientationPatient, dtype=float)
         normal = np.cross(iop[:3], iop[3:])
         keys = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for _, ds in items]
     else:
         log.warning("%s: slices lack position/orientation, sorting by InstanceNumber", path)
         keys = [float(ds.get("InstanceNumber", 0) or 0) for _, ds in items]
     order = np.argsort(keys, kind="stable")
-    items, keys = [items[i] for i in order], np.asarray(keys)[order]
-    gaps = np.diff(keys)
-    if len(gaps) and np.any(np.isclose(gaps, 0.0, atol=1e-4)):
-        raise InputError(f"{path}: {int(np.sum(np.isclose(gaps, 0, atol=1e-4))) + 1} DICOM slices share a "
-                         f"position (expected one slice per position in series {first.get('SeriesInstanceUID')})")
-    if len(gaps):
+    items, gaps = [items[i] for i in order], np.diff(np.asarray(keys)[order])
+    first = items[0][1]
+    if np.any(np.abs(gaps) < 1e-4):
+        raise InputError(f"{path}: {int(np.sum(np.abs(gaps) < 1e-4)) + 1} DICOM slices share a position "
+                         f"(expected one slice per position in series {first.get('SeriesInstanceUID', '?')})")
+    if positional and len(gaps):
         dz = float(np.median(gaps))
         if np.ptp(gaps) > 0.01 * dz:
             log.warning("%s: uneven slice gaps %.3f..%.3f mm, using the median %.3f", path, gaps.min(), gaps.max(), dz)
     else:
         dz = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+    channels = int(first.get("SamplesPerPixel", 1))
     arr = np.stack([_pixels(ds, mask) for _, ds in items])
-    affine = _dicom_affine(items[0][1], dz)
+    if arr.ndim != 3 + (channels > 1):
+        raise InputError(f"{path}: DICOM slices hold {arr.shape[1:]} pixels each (expected single-frame 2D slices)")
     dy, dx = (float(v) for v in (first.get("PixelSpacing") or [1.0, 1.0]))
-    meta = _meta(path, fmt, (dz, dy, dx), affine, 3, spacing_known="PixelSpacing" in first,
-                 channels=int(first.get("SamplesPerPixel", 1)), extra=_dicom_extra(first, n_slices=len(items)))
-    return arr, meta
+    return arr, _meta(path, fmt, (dz, dy, dx), _dicom_affine(first, dz), 3, spacing_known="PixelSpacing" in first,
+                      channels=channels, extra=_dicom_extra(first, n_slices=len(items)))
 
 
 _READERS: dict[str, Callable[..., tuple[np.ndarray, ImageMeta]]] = {
@@ -416,14 +423,14 @@ def _read(path: str | os.PathLike, series: str | None, mask: bool) -> tuple[np.n
     meta.shape = tuple(int(s) for s in arr.shape[:len(meta.spacing)])
     if arr.size == 0:
         raise InputError(f"{p}: {what} is empty (shape {arr.shape})")
-    return arr, meta
+    return np.ascontiguousarray(arr), meta
 
 
 def _collapse_channels(arr: np.ndarray, path: Path, *, mask: bool, lossy: bool) -> np.ndarray:
     """Drop alpha; return one channel when R, G and B agree (within JPEG noise for lossy masks)."""
+    if arr.shape[-1] < 3:  # grey (+ alpha)
+        return arr[..., 0]
     rgb = arr[..., :3]
-    if rgb.shape[-1] == 1:
-        return rgb[..., 0]
     diff = max(np.abs(rgb[..., c].astype(np.int64) - rgb[..., 0]).max() for c in (1, 2))
     if diff <= (_LOSSY_CHANNEL_TOL if mask and lossy else 0):
         return rgb[..., 0]
@@ -433,8 +440,8 @@ def _collapse_channels(arr: np.ndarray, path: Path, *, mask: bool, lossy: bool) 
     return rgb
 
 
-def _to_labels(arr: np.ndarray, name: str, lossy: bool) -> np.ndarray:
-    """uint8 labels from a stored mask: 0/255 (or 0/max) -> 0/1, JPEG thresholded at > 127."""
+def _to_labels(arr: np.ndarray, name: str, lossy: bool = False, binarize: bool = True) -> np.ndarray:
+    """uint8 labels from a stored mask: 0/255 (or 0/max) -> 0/1 if ``binarize``, JPEG thresholded at > 127."""
     if arr.dtype == bool:
         return arr.astype(np.uint8)
     if arr.dtype.kind == "f":
@@ -453,12 +460,12 @@ def _to_labels(arr: np.ndarray, name: str, lossy: bool) -> np.ndarray:
     lo, hi = arr.min(), arr.max()
     if lo < 0:
         raise InputError(f"{name}: mask has negative label {lo:g} (expected labels 0..255)")
-    if hi >= 255:
+    if hi >= 255 and binarize:
         nonzero = arr != 0
         if np.all(arr[nonzero] == hi):  # binary stored as 0/255, 0/65535, ...
             return nonzero.astype(np.uint8)
-        if hi > 255:
-            raise InputError(f"{name}: mask has label {hi:g} (expected labels 0..255 or a binary 0/max mask)")
+    if hi > 255:
+        raise InputError(f"{name}: mask has label {hi:g} (expected labels 0..255 or a binary 0/max mask)")
     return arr.astype(np.uint8)
 
 
@@ -584,11 +591,9 @@ def write_mask(mask: np.ndarray, meta: ImageMeta, out_path: str | os.PathLike) -
     qform/sform codes for NIfTI/3D inputs, PNG for 2D (binary as 0/255, multi-label as label values)."""
     mask = np.asarray(mask)
     out = _check_out(mask, meta, out_path, "mask")
-    labels = _to_labels(mask, str(out), lossy=False) if mask.dtype != np.uint8 else mask
-    if mask.dtype != bool and mask.size and (mask.min() < 0 or mask.max() > 255):
-        raise InputError(f"{out}: mask values {mask.min()}..{mask.max()} out of range (expected labels 0..255)")
+    labels = _to_labels(mask, str(out), binarize=False)
     if output_suffix(meta) == ".nii.gz":
-        return _write_nifti(labels.astype(np.uint8, copy=False), meta, out)
+        return _write_nifti(labels, meta, out)
     binary = labels.max(initial=0) <= 1
     return _write_png((labels * 255 if binary else labels).astype(np.uint8), out)
 

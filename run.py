@@ -70,7 +70,7 @@ def run_synthetic(cfg: TrainConfig) -> dict:
         "threshold_baseline_dice": baseline_dice, "threshold_baseline": f"image {baseline_dir} {baseline_t:.3f}",
         "best_epoch": result.best_epoch, "best_val_dice": result.best_val.get("dice"),
         "epochs": cfg.epochs, "train_seconds": round(result.train_seconds, 2),
-        "total_seconds": round(time.perf_counter() - t_run, 2), "device": str(device), "precision": precision,
+        "total_seconds": round(time.perf_counter() - t_run, 2), "device": str(device), "dtype": precision,
         "difficulty": cfg.difficulty, "seed": cfg.seed, "checkpoint": str(cfg.checkpoint),
         "counting": "per-image mean over the test split; empty prediction on empty truth = 1; "
                     "sensitivity/precision skip images where they are undefined",

@@ -1,0 +1,99 @@
+"""Checkpoints, splits, devices and config validation."""
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from errors import CheckpointError, ConfigError
+from model import UNet
+from train import (ArrayDataset, TrainConfig, load_checkpoint, make_loader, resolve_precision, save_checkpoint,
+                   select_device, split_indices)
+
+
+def test_checkpoint_round_trip_rebuilds_model_from_file_alone(tmp_path):
+    torch.manual_seed(0)
+    model = UNet(n_channels=1, n_classes=3, base_channels=4, bilinear=False).eval()
+    cfg = TrainConfig(base_channels=4, bilinear=False)
+    path = save_checkpoint(tmp_path / "best_unet.pth", model, cfg, epoch=3, metrics={"dice": np.float64(0.9)})
+    assert sorted(os.listdir(tmp_path)) == ["best_unet.pth"], "no temporary file left behind"
+    raw = torch.load(path, weights_only=True)
+    assert raw["model_args"] == model.model_args and raw["config"]["base_channels"] == 4
+    assert raw["epoch"] == 3 and raw["metrics"]["dice"] == 0.9
+    loaded, ckpt = load_checkpoint(path)
+    x = torch.randn(2, 1, 33, 40)
+    with torch.no_grad():
+        assert torch.equal(model(x), loaded(x))
+    assert TrainConfig.from_dict(ckpt["config"]) == cfg
+
+
+def test_corrupt_missing_and_foreign_checkpoints_get_clear_errors(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "nope.pth")
+    bad = tmp_path / "corrupt.pth"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt.pth"):
+        load_checkpoint(bad)
+    plain = tmp_path / "state_dict_only.pth"
+    torch.save(UNet(base_channels=4).state_dict(), plain)
+    with pytest.raises(CheckpointError, match="expected a checkpoint of format"):
+        load_checkpoint(plain)
+    good = save_checkpoint(tmp_path / "good.pth", UNet(base_channels=4), TrainConfig(), 1, {})
+    ckpt = torch.load(good, weights_only=True)
+    ckpt["model_args"]["base_channels"] = 8  # weights of one architecture, args of another
+    torch.save(ckpt, tmp_path / "mismatch.pth")
+    with pytest.raises(CheckpointError, match="do not match"):
+        load_checkpoint(tmp_path / "mismatch.pth")
+
+
+class _Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_pickle_payload_is_refused_not_executed(tmp_path):
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as f:
+        pickle.dump({"format": "medseg-unet/1", "x": _Payload()}, f)
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(path)
+
+
+def test_split_is_disjoint_seeded_and_complete():
+    s = split_indices(200, 0.1, 0.2, seed=42)
+    assert (len(s["train"]), len(s["val"]), len(s["test"])) == (140, 20, 40)
+    allidx = np.concatenate([s["train"], s["val"], s["test"]])
+    assert sorted(allidx.tolist()) == list(range(200))
+    assert np.array_equal(split_indices(200, 0.1, 0.2, 42)["test"], s["test"])
+    assert not np.array_equal(split_indices(200, 0.1, 0.2, 43)["test"], s["test"])
+    with pytest.raises(ConfigError):
+        split_indices(2, 0.4, 0.4, 0)
+
+
+def test_loader_batches_are_seeded():
+    data = ArrayDataset(torch.arange(10.0).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous(),
+                        torch.zeros(10, 2, 2, dtype=torch.uint8))
+    order = lambda: [b[0][:, 0, 0, 0].tolist() for b in make_loader(data, 4, True, seed=1)]  # noqa: E731
+    first = order()
+    assert first == order() and sorted(sum(first, [])) == list(range(10))
+    assert [len(b) for b in first] == [4, 4, 2]
+
+
+def test_device_and_precision_selection():
+    assert select_device("cpu").type == "cpu"
+    assert select_device("auto").type in ("cpu", "cuda", "mps")
+    with pytest.raises(ConfigError, match="unknown device"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="not available"):
+            select_device("cuda")
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    assert resolve_precision("auto", torch.device("cpu")) in ("fp32", "bf16")
+
+
+def test_config_validation_lists_every_problem():
+    with pytest.raises(ConfigError) as e:
+        TrainConfig(epochs=0, image_size=8, lr=-1).validate()
+    msg = str(e.value)
+    assert "--epochs" in msg and "--image-size" in msg and "--lr" in msg
