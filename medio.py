@@ -38,9 +38,10 @@ import os
 import tempfile
 import zipfile
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -134,7 +135,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if fmt is None and is_dicom_file(p):
         fmt = "dicom"
     if fmt is None:
-        raise InputError(f"{p}: unsupported file type '{_suffix(p) or p.name}' "
+        raise InputError(f"{p}: unsupported file type '{_suffix(p) or '(no extension)'}' "
                          f"(expected one of {', '.join(SUPPORTED_SUFFIXES)}, a DICOM file or a DICOM folder)")
     return fmt
 
@@ -252,7 +253,10 @@ def _pil_to_array(im, mask: bool) -> np.ndarray:
 def _dcmread(src, name: str):
     import pydicom
 
-    ds = pydicom.dcmread(src, force=True)
+    try:
+        ds = pydicom.dcmread(src, force=True)
+    except Exception as exc:
+        raise InputError(f"{name}: cannot read DICOM file ({type(exc).__name__}: {_oneline(exc)})") from exc
     if "PixelData" not in ds:
         raise InputError(f"{name}: DICOM file has no pixel data (expected an image slice)")
     return ds
@@ -330,8 +334,12 @@ def _dicom_affine(ds, dz: float) -> np.ndarray:
     return _LPS_RAS @ lps
 
 
-def _pixels(ds, mask: bool) -> np.ndarray:
-    arr = ds.pixel_array
+def _pixels(name: str, ds, mask: bool) -> np.ndarray:
+    """Pixels of one dataset: raw for masks, RescaleSlope/Intercept applied (float32) for images."""
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise InputError(f"{name}: cannot decode DICOM pixel data ({type(exc).__name__}: {_oneline(exc)})") from exc
     if mask:
         return arr
     slope, inter = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
@@ -351,7 +359,7 @@ def _read_dicom(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[n
         if series is not None:
             raise InputError(f"{path}: series='{series}' given for a single DICOM file (expected a folder or zip)")
         ds = _dcmread(path, str(path))
-        arr = _pixels(ds, mask)
+        arr = _pixels(str(path), ds, mask)
         spp = int(ds.get("SamplesPerPixel", 1))
         if arr.ndim - (spp > 1) != 2:
             raise InputError(f"{path}: DICOM file holds {arr.shape} pixels (expected one 2D frame; "
@@ -390,7 +398,7 @@ def _stack_series(path: Path, fmt: str, items: list, mask: bool) -> tuple[np.nda
     else:
         dz = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
     channels = int(first.get("SamplesPerPixel", 1))
-    arr = np.stack([_pixels(ds, mask) for _, ds in items])
+    arr = np.stack([_pixels(name, ds, mask) for name, ds in items])
     if arr.ndim != 3 + (channels > 1):
         raise InputError(f"{path}: DICOM slices hold {arr.shape[1:]} pixels each (expected single-frame 2D slices)")
     dy, dx = (float(v) for v in (first.get("PixelSpacing") or [1.0, 1.0]))
@@ -431,11 +439,11 @@ def _collapse_channels(arr: np.ndarray, path: Path, *, mask: bool, lossy: bool) 
     if arr.shape[-1] < 3:  # grey (+ alpha)
         return arr[..., 0]
     rgb = arr[..., :3]
-    diff = max(np.abs(rgb[..., c].astype(np.int64) - rgb[..., 0]).max() for c in (1, 2))
+    diff = float(max(np.abs(rgb[..., c].astype(np.float64) - rgb[..., 0]).max() for c in (1, 2)))
     if diff <= (_LOSSY_CHANNEL_TOL if mask and lossy else 0):
         return rgb[..., 0]
     if mask:
-        raise InputError(f"{path}: mask has 3 different colour channels (max difference {diff}; "
+        raise InputError(f"{path}: mask has 3 different colour channels (max difference {diff:g}; "
                          f"expected a grayscale, palette or 3-identical-channel label image)")
     return rgb
 
@@ -478,9 +486,9 @@ def read_image(path: str | os.PathLike, *, series: str | None = None) -> tuple[n
     """
     arr, meta = _read(path, series, mask=False)
     arr = arr.astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
-        raise InputError(f"{meta.path}: image contains {int(np.size(arr) - np.isfinite(arr).sum())} NaN or "
-                         f"infinite values (expected finite numbers)")
+    bad = arr.size - int(np.count_nonzero(np.isfinite(arr)))
+    if bad:
+        raise InputError(f"{meta.path}: image contains {bad} NaN or infinite values (expected finite numbers)")
     return arr, meta
 
 
@@ -573,8 +581,9 @@ def _write_nifti(data: np.ndarray, meta: ImageMeta, out: Path) -> Path:
     hdr.set_qform(np.asarray(info.get("qform", affine)), int(info.get("qform_code", 1)))
     hdr.set_sform(np.asarray(info.get("sform", affine)), int(info.get("sform_code", 1)))
     hdr["xyzt_units"] = info.get("xyzt_units", 2)  # 2 = mm
-    img = nib.Nifti1Image(np.ascontiguousarray(data.T), None, header=hdr)
-    if not np.allclose(img.affine, affine):  # header codes could not reproduce it: write the affine itself
+    if np.allclose(hdr.get_best_affine(), affine, atol=1e-6):
+        img = nib.Nifti1Image(np.ascontiguousarray(data.T), hdr.get_best_affine(), header=hdr)
+    else:  # the stored codes would not reproduce the affine: write the affine itself
         img = nib.Nifti1Image(np.ascontiguousarray(data.T), affine)
     suffix = ".nii.gz" if _suffix(out) == ".nii.gz" else ".nii"
     return _atomic(out, suffix, lambda tmp: nib.save(img, tmp))
@@ -602,7 +611,7 @@ def write_probability(prob: np.ndarray, meta: ImageMeta, out_path: str | os.Path
     """Write a probability map in [0, 1]: NIfTI float32 for NIfTI/3D inputs, 8-bit PNG (0..255) for 2D."""
     prob = np.asarray(prob, dtype=np.float32)
     out = _check_out(prob, meta, out_path, "probability map")
-    if not np.isfinite(prob).all() or prob.min(initial=0) < -1e-6 or prob.max(initial=0) > 1 + 1e-6:
+    if not np.isfinite(prob).all() or prob.min() < -1e-6 or prob.max() > 1 + 1e-6:
         raise InputError(f"{out}: probabilities must be finite and within [0, 1]")
     prob = np.clip(prob, 0.0, 1.0)
     if output_suffix(meta) == ".nii.gz":
