@@ -158,11 +158,11 @@ def generate_sample(rng: np.random.Generator, h: int, w: int | None = None,
             blob = compact_blob(rng, organ, centre, axes, min_px) if k == 0 else np.zeros_like(blob)
         lesion |= blob
     # lesion contrast overlapping the organ: hypo- or hyper-dense by a small, random amount
-    delta = rng.choice([-1.0, 1.0]) * rng.uniform(0.06, 0.18)
+    delta = rng.choice([-1.0, 1.0]) * rng.uniform(0.10, 0.25)
     image[lesion] = organ_intensity + delta + rng.normal(0, 0.03, int(lesion.sum())).astype(np.float32)
-    image = ndimage.gaussian_filter(image, sigma=rng.uniform(0.6, 1.2) * h / 64)  # partial volume
+    image = ndimage.gaussian_filter(image, sigma=rng.uniform(0.5, 1.0) * h / 64)  # partial volume
     image = image * _smooth_field(rng, h, w, strength=rng.uniform(0.1, 0.3))
-    image = image + rng.normal(0, rng.uniform(0.04, 0.07), (h, w)).astype(np.float32)
+    image = image + rng.normal(0, rng.uniform(0.03, 0.06), (h, w)).astype(np.float32)
     image = image + np.linspace(0, 0.06, h, dtype=np.float32)[:, None]
     return np.clip(image, 0, 1).astype(np.float32), lesion.astype(np.uint8), organ.astype(np.uint8)
 

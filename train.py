@@ -36,12 +36,12 @@ CHECKPOINT_FORMAT = "medseg-unet/1"
 class TrainConfig:
     """Every knob of a training run; stored verbatim in each checkpoint."""
 
-    epochs: int = 5
+    epochs: int = 10
     num_samples: int = 200
     image_size: int = 64
-    base_channels: int = 64
+    base_channels: int = 32
     bilinear: bool = True
-    batch_size: int = 4
+    batch_size: int = 8
     lr: float = 1e-3
     seed: int = 42
     difficulty: str = "seed"
@@ -51,7 +51,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.2
     lr_factor: float = 0.5
-    lr_patience: int = 5
+    lr_patience: int = 2
     threshold: float = 0.5
     num_workers: int = 0  # in-memory arrays: worker processes only add start-up cost (and Windows pickling)
     output_dir: str = "output_figures"
