@@ -130,3 +130,63 @@ def best_threshold_dice(images: np.ndarray, truth: np.ndarray, num_thresholds: i
             if dice > best[0]:
                 best = (dice, float(t), direction)
     return best
+
+
+# ------------------------------------------------------------------------- whole-case metrics
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...] | None = None) -> float:
+    """95th-percentile symmetric Hausdorff distance between the surfaces of two binary masks (mm with ``spacing``).
+
+    Rule: both empty -> 0.0; exactly one empty -> the diagonal of the array extent (the largest
+    possible distance), so a missed or hallucinated structure is penalised, never skipped.
+    """
+    from scipy import ndimage
+
+    p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
+    spacing = tuple(spacing) if spacing is not None else (1.0,) * p.ndim
+    if p.shape != t.shape or len(spacing) != p.ndim:
+        raise ValueError(f"hd95: pred {p.shape}, truth {t.shape} and spacing {spacing} must agree")
+    if not p.any() and not t.any():
+        return 0.0
+    if not p.any() or not t.any():
+        return float(np.sqrt(sum((n * s) ** 2 for n, s in zip(p.shape, spacing))))
+
+    def surface(m: np.ndarray) -> np.ndarray:
+        return m & ~ndimage.binary_erosion(m, border_value=0)
+
+    sp, st = surface(p), surface(t)
+    dist_to_t = ndimage.distance_transform_edt(~st, sampling=spacing)
+    dist_to_p = ndimage.distance_transform_edt(~sp, sampling=spacing)
+    return float(np.percentile(np.concatenate([dist_to_t[sp], dist_to_p[st]]), 95))
+
+
+def lesion_detection(pred: np.ndarray, truth: np.ndarray) -> dict[str, int]:
+    """Lesion-wise counts by connected components (full connectivity).
+
+    A true lesion is *detected* when any predicted pixel overlaps it; a predicted component that
+    overlaps no true lesion is a *false-positive lesion*.
+    """
+    from scipy import ndimage
+
+    p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
+    structure = np.ones((3,) * p.ndim, bool)
+    t_lab, n_true = ndimage.label(t, structure)
+    p_lab, n_pred = ndimage.label(p, structure)
+    detected = len(np.unique(t_lab[p & t])) if n_true else 0
+    tp_pred = len(np.unique(p_lab[p & t])) if n_pred else 0
+    return {"true_lesions": int(n_true), "detected_lesions": int(detected), "pred_lesions": int(n_pred),
+            "false_positive_lesions": int(n_pred - tp_pred)}
+
+
+def case_scores(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...] | None = None,
+                roi: np.ndarray | None = None) -> dict[str, float]:
+    """All scores of one binary case (2D image or 3D volume): Dice, IoU, sensitivity, precision, HD95, lesions.
+
+    ``roi`` (same shape, bool) restricts every count to the region of interest (e.g. DRIVE's field of view).
+    """
+    p, t = np.asarray(pred) != 0, np.asarray(truth) != 0
+    if roi is not None:
+        p, t = p & roi, t & roi
+    s = {k: float(v[0]) for k, v in per_case_scores(p[None], t[None]).items()}
+    s["hd95"] = hd95(p, t, spacing)
+    s.update(lesion_detection(p, t))
+    return s

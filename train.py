@@ -57,6 +57,21 @@ class TrainConfig:
     output_dir: str = "output_figures"
     checkpoint: str = "best_unet.pth"
     progress: bool = True
+    # real datasets (run.py --data); image_size is then the square training patch
+    data: str | None = None
+    images_dir: str | None = None
+    masks_dir: str | None = None
+    labels: str | None = None
+    window: str | None = None
+    normalize: str = "auto"
+    in_channels: int = 0  # 0 = from the data (3 for RGB images, else 1)
+    resize: int | None = None  # rescale planes so the long side has this many pixels (None = native)
+    samples_per_epoch: int = 0  # 0 = one patch per training plane (at least 256)
+    fg_prob: float = 0.5
+    augment: bool = True
+    elastic: float = 0.0
+    overlap: float = 0.5
+    max_cases: int = 0  # 0 = all cases (a smaller number for quick experiments)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` listing every invalid value at once."""
@@ -328,10 +343,14 @@ class FitResult:
     train_seconds: float = 0.0
 
 
-def fit(model: UNet, train_data: ArrayDataset, val_data: ArrayDataset, cfg: TrainConfig,
+def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg: TrainConfig,
         device: torch.device, precision: str, checkpoint_path: str | os.PathLike,
         augment: Callable | None = None, extra_checkpoint: dict | None = None) -> FitResult:
-    """Train with Adam + ReduceLROnPlateau(val loss); save the best-validation-Dice model atomically."""
+    """Train with Adam + ReduceLROnPlateau(val loss); save the best-validation-Dice model atomically.
+
+    ``train_data`` yields (images, labels) batches through ``__getitems__`` (and may have ``set_epoch``);
+    ``validate(model)`` returns ``{"loss": float, "summary": {"dice", "iou", "sensitivity", "precision", ...}}``.
+    """
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -339,7 +358,6 @@ def fit(model: UNet, train_data: ArrayDataset, val_data: ArrayDataset, cfg: Trai
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
                                                            patience=cfg.lr_patience)
     loader = make_loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers)
-    eval_bs = max(cfg.batch_size, 16)
     res = FitResult(history={k: [] for k in ("epoch", "train_loss", "val_loss", "val_dice", "val_iou",
                                              "val_sensitivity", "val_precision", "lr", "seconds")})
     best_key = (-math.inf, -math.inf)
@@ -347,9 +365,11 @@ def fit(model: UNet, train_data: ArrayDataset, val_data: ArrayDataset, cfg: Trai
     for epoch in range(1, cfg.epochs + 1):
         t0 = time.perf_counter()
         lr = optimizer.param_groups[0]["lr"]
+        if hasattr(train_data, "set_epoch"):
+            train_data.set_epoch(epoch)
         train_loss = train_one_epoch(model, loader, optimizer, device, precision, cfg.channels_last,
                                      desc=f"Epoch {epoch}/{cfg.epochs}", progress=cfg.progress, augment=augment)
-        val = evaluate(model, val_data.images, val_data.labels, eval_bs, device, precision, cfg.channels_last, cfg.threshold)
+        val = validate(model)
         scheduler.step(val["loss"])
         s = val["summary"]
         for k, v in (("epoch", epoch), ("train_loss", train_loss), ("val_loss", val["loss"]), ("val_dice", s["dice"]),

@@ -1,0 +1,344 @@
+"""Real datasets: layout detection, a dataset check that lists every problem, loading, patch sampling.
+
+Layouts detected from ``--data DIR`` (a single sub-folder is descended into):
+
+* **MSD / nnU-Net raw**: ``imagesTr/`` + ``labelsTr/`` (+ optional ``dataset.json`` whose ``labels``
+  map names to values, either ``{"1": "Anterior"}`` (MSD) or ``{"Anterior": 1}`` (nnU-Net v2));
+  nnU-Net's ``_0000`` channel suffix is ignored when matching.
+* **Paired folders**: ``images/`` + a mask folder (``masks/``, ``labels/``, ``1st_manual/``, ``manual/``,
+  ``gt/``, ``groundtruth/``, ``annotations/``), matched by file stem after dropping suffixes such as
+  ``_mask``, ``_manual1``, ``_training``, ``_test``, else by case number. A ``mask/`` folder next to
+  ``1st_manual/`` is a field-of-view (region of interest) mask, as in DRIVE. Sub-folders named
+  ``training``/``train`` and ``test`` (and ``val``) each holding such a pair give an official split.
+* **DICOM series + mask series** (3D-IRCADb): folders holding ``PATIENT_DICOM`` (folder or zip) and
+  ``MASKS_DICOM`` (folder or zip of one series per structure); ``--labels liver`` picks structures.
+
+``--images-dir`` / ``--masks-dir`` name the folders explicitly when detection cannot decide.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+import medio
+from errors import InputError
+from preprocess import Preprocessing, pad_value, to_classes, to_planes
+
+log = logging.getLogger(__name__)
+
+MASK_DIR_NAMES = ("masks", "labels", "1st_manual", "manual", "gt", "groundtruth", "annotations", "segmentations", "label")
+IMAGE_DIR_NAMES = ("images", "image", "imgs", "img")
+ROI_DIR_NAMES = ("fov", "roi")  # plus "mask" when a 1st_manual folder holds the labels
+SPLIT_DIR_NAMES = {"training": "train", "train": "train", "test": "test", "testing": "test", "val": "val", "validation": "val"}
+_STRIP = re.compile(r"(_0000|_mask|_masks|_manual\d*|_training|_test|_seg|_segmentation|_label|_labels|_gt)+$", re.I)
+
+
+@dataclass
+class CaseRef:
+    """Where one case's files are; ``mask_series`` lists structure groups for DICOM mask series."""
+
+    case_id: str
+    image: Path
+    mask: Path | None
+    roi: Path | None = None
+    split: str | None = None  # official split from the layout, if any
+    mask_series: list[list[str]] | None = None
+
+
+@dataclass
+class DatasetSpec:
+    root: Path
+    layout: str
+    cases: list[CaseRef]
+    label_names: dict[str, int] = field(default_factory=dict)
+    structures: list[str] = field(default_factory=list)  # DICOM mask series available
+
+
+@dataclass
+class LoadedCase:
+    """One case as planes: images (Z, C, H, W) float32 normalised, labels (Z, H, W) classes, roi (Z, H, W) bool."""
+
+    ref: CaseRef
+    planes: np.ndarray
+    labels: np.ndarray
+    roi: np.ndarray | None
+    meta: medio.ImageMeta
+    is_volume: bool
+
+
+# ------------------------------------------------------------------------------------ discovery
+def _files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_file() or p.is_dir()))
+
+
+def case_key(path: Path) -> str:
+    """File name without suffixes (.nii.gz too) and without mask/channel suffixes, lower-case."""
+    name = path.name
+    for suf in sorted(medio.SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suf):
+            name = name[: -len(suf)]
+            break
+    return _STRIP.sub("", name).lower()
+
+
+def _number(key: str) -> str | None:
+    m = re.search(r"\d+", key)
+    return str(int(m.group())) if m else None
+
+
+def _pair(images: list[Path], masks: list[Path], where: Path) -> list[tuple[Path, Path | None]]:
+    by_key = {case_key(m): m for m in masks}
+    by_num: dict[str, Path] = {}
+    for m in masks:
+        n = _number(case_key(m))
+        if n is not None:
+            by_num.setdefault(n, m)
+    out = []
+    for img in images:
+        k = case_key(img)
+        out.append((img, by_key.get(k) or by_num.get(_number(k) or "")))
+    return out
+
+
+def _sub(folder: Path, names) -> Path | None:
+    lower = {p.name.lower(): p for p in folder.iterdir() if p.is_dir()}
+    return next((lower[n] for n in names if n in lower), None)
+
+
+def _paired_cases(folder: Path, split: str | None, images_dir: Path | None = None,
+                  masks_dir: Path | None = None) -> list[CaseRef] | None:
+    img_dir = images_dir or _sub(folder, IMAGE_DIR_NAMES)
+    msk_dir = masks_dir or _sub(folder, MASK_DIR_NAMES)
+    if img_dir is None or msk_dir is None:
+        return None
+    roi_dir = _sub(folder, ROI_DIR_NAMES) or (_sub(folder, ("mask",)) if msk_dir.name.lower() != "mask" else None)
+    images = [p for p in _files(img_dir) if p.is_file()]
+    pairs = _pair(images, [p for p in _files(msk_dir) if p.is_file()], msk_dir)
+    rois = dict(_pair(images, [p for p in _files(roi_dir) if p.is_file()], roi_dir)) if roi_dir else {}
+    return [CaseRef(case_key(i), i, m, rois.get(i), split) for i, m in pairs]
+
+
+def _dataset_json_labels(root: Path) -> dict[str, int]:
+    path = root / "dataset.json"
+    if not path.is_file():
+        return {}
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8")).get("labels", {})
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+    out = {}
+    for k, v in labels.items():
+        if str(k).lstrip("-").isdigit():  # MSD: {"1": "Anterior"}
+            out[str(v).lower()] = int(k)
+        elif isinstance(v, int):  # nnU-Net v2: {"Anterior": 1}
+            out[str(k).lower()] = v
+    return {k: v for k, v in out.items() if v != 0}
+
+
+def _dicom_case(folder: Path) -> CaseRef | None:
+    img = next((p for p in (folder / "PATIENT_DICOM", folder / "PATIENT_DICOM.zip") if p.exists()), None)
+    msk = next((p for p in (folder / "MASKS_DICOM", folder / "MASKS_DICOM.zip") if p.exists()), None)
+    if img is None or msk is None:
+        return None
+    return CaseRef(folder.name, img, msk)
+
+
+def _dicom_structures(mask_src: Path) -> list[str]:
+    if mask_src.is_dir():
+        return sorted(p.name for p in mask_src.iterdir() if p.is_dir())
+    import zipfile
+    with zipfile.ZipFile(mask_src) as zf:
+        return sorted({Path(n).parent.name for n in zf.namelist() if not n.endswith("/") and Path(n).parent.name})
+
+
+def discover(data_dir: str | Path, images_dir: str | Path | None = None, masks_dir: str | Path | None = None) -> DatasetSpec:
+    """Find the layout and the cases of a dataset folder (see the module docstring)."""
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset folder not found")
+    if images_dir or masks_dir:
+        if not (images_dir and masks_dir):
+            raise InputError("give both --images-dir and --masks-dir (or neither)")
+        cases = _paired_cases(root, None, Path(images_dir), Path(masks_dir))
+        return DatasetSpec(root, "paired (explicit)", cases or [])
+    while True:
+        children = [p for p in _files(root) if p.is_dir()]
+        files = [p for p in _files(root) if p.is_file() and not p.name.endswith(".md")]
+        names = {p.name.lower() for p in children}
+        if "imagestr" in names and "labelstr" in names:
+            sub = {p.name.lower(): p for p in children}
+            pairs = _pair([p for p in _files(sub["imagestr"]) if p.is_file()],
+                          [p for p in _files(sub["labelstr"]) if p.is_file()], sub["labelstr"])
+            cases = [CaseRef(case_key(i), i, m) for i, m in pairs]
+            return DatasetSpec(root, "msd", cases, _dataset_json_labels(root))
+        dicom = [c for c in ([_dicom_case(root)] + [_dicom_case(p) for p in children]) if c]
+        if dicom:
+            return DatasetSpec(root, "dicom+masks", dicom, structures=_dicom_structures(dicom[0].mask))
+        splits = {SPLIT_DIR_NAMES[p.name.lower()]: p for p in children if p.name.lower() in SPLIT_DIR_NAMES}
+        split_cases = [c for s, p in splits.items() for c in (_paired_cases(p, s) or [])]
+        if split_cases:
+            return DatasetSpec(root, "paired (official split)", split_cases)
+        cases = _paired_cases(root, None)
+        if cases is not None:
+            return DatasetSpec(root, "paired", cases)
+        if len(children) == 1 and not files:
+            root = children[0]
+            continue
+        raise InputError(f"{Path(data_dir)}: no known dataset layout (expected imagesTr/+labelsTr/, images/+masks/, "
+                         "PATIENT_DICOM+MASKS_DICOM, or --images-dir/--masks-dir)")
+
+
+# -------------------------------------------------------------------------------------- loading
+def resolve_dicom_labels(spec: DatasetSpec, labels: str | None) -> list[list[str]]:
+    """``--labels liver`` or ``livertumor01+livertumor02,liver`` -> structure groups of a DICOM mask layout."""
+    if not labels:
+        raise InputError(f"{spec.root}: DICOM mask series need --labels naming structures "
+                         f"(available: {', '.join(spec.structures)})")
+    groups = [[s.strip() for s in g.split("+") if s.strip()] for g in labels.split(",")]
+    unknown = [s for g in groups for s in g if s not in spec.structures]
+    if unknown:
+        raise InputError(f"{spec.root}: unknown structure(s) {', '.join(unknown)} (available: {', '.join(spec.structures)})")
+    return groups
+
+
+def load_case(ref: CaseRef, prep: Preprocessing) -> LoadedCase:
+    """Read, check and preprocess one case. Raises InputError naming the file on any problem."""
+    image, meta = medio.read_image(ref.image)
+    is_volume = len(meta.shape) == 3
+    if ref.mask is None:
+        raise InputError(f"{ref.image}: no matching mask found")
+    if ref.mask_series:  # DICOM: one mask series per structure, merged into classes
+        classes = np.zeros(meta.shape, np.uint8)
+        for k, group in enumerate(ref.mask_series, start=1):
+            for structure in group:
+                m, mmeta = medio.read_mask(ref.mask, series=structure, reference=meta)
+                classes[m > 0] = k
+    else:
+        mask, _ = medio.read_mask(ref.mask, reference=meta)
+        classes = to_classes(mask, prep)
+    roi = None
+    if ref.roi is not None:
+        r, _ = medio.read_mask(ref.roi, reference=meta)
+        roi = (r > 0)[None] if not is_volume else r > 0
+    planes = to_planes(image, 3 if is_volume else 2, prep)
+    labels = classes if is_volume else classes[None]
+    return LoadedCase(ref, planes, labels.astype(np.uint8), roi, meta, is_volume)
+
+
+def load_cases(refs: list[CaseRef], prep: Preprocessing) -> list[LoadedCase]:
+    """Load every case; collect every problem and fail once listing them all (nnU-Net's dataset check)."""
+    loaded, problems = [], []
+    for ref in refs:
+        try:
+            loaded.append(load_case(ref, prep))
+        except InputError as exc:
+            problems.append(str(exc))
+    if problems:
+        shown = "\n  - ".join(problems[:50])
+        more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+        raise InputError(f"dataset check failed: {len(problems)} of {len(refs)} cases have problems:\n  - {shown}{more}")
+    return loaded
+
+
+def split_cases(refs: list[CaseRef], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:
+    """Per-case (per-patient) split: official test/val from the layout if present, else seeded random."""
+    rng = np.random.default_rng(seed)
+    official = {r.case_id: r.split for r in refs if r.split}
+    ids = [r.case_id for r in refs]
+    out: dict[str, list[str]] = {"train": [], "val": [], "test": []}
+    pool = [i for i in ids if official.get(i) in (None, "train")]
+    out["test"] = [i for i in ids if official.get(i) == "test"]
+    out["val"] = [i for i in ids if official.get(i) == "val"]
+    pool = list(rng.permutation(pool)) if pool else []
+    if not out["test"]:
+        n_test = max(1, int(round(len(ids) * test_fraction))) if test_fraction > 0 and len(pool) > 2 else 0
+        out["test"], pool = pool[:n_test], pool[n_test:]
+    if not out["val"]:
+        n_val = max(1, int(round((len(pool) + len(out["test"])) * val_fraction))) if val_fraction > 0 and len(pool) > 1 else 0
+        out["val"], pool = pool[:n_val], pool[n_val:]
+    out["train"] = pool
+    return {k: sorted(str(i) for i in v) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------- patch sampling
+class PatchDataset(Dataset):
+    """Random ``patch`` x ``patch`` crops of 2D planes, foreground-oversampled, deterministic per (seed, epoch, index).
+
+    With probability ``fg_prob`` a crop is centred on a random foreground pixel of a random plane that
+    has foreground; otherwise plane and position are uniform. Planes smaller than the patch are padded
+    (images with their case minimum, labels with 0) once, up front. Picklable (no lambdas).
+    """
+
+    def __init__(self, planes: list[np.ndarray], labels: list[np.ndarray], patch: int, length: int,
+                 fg_prob: float = 0.5, seed: int = 0, pad_values: list[float] | None = None):
+        self.patch, self.length, self.fg_prob, self.seed, self.epoch = patch, length, fg_prob, seed, 0
+        self.planes, self.labels = [], []
+        for i, (x, y) in enumerate(zip(planes, labels)):
+            xt, pads = _pad_np(x, patch, pad_values[i] if pad_values else float(x.min()))
+            yt, _ = _pad_np(y[None], patch, 0)
+            self.planes.append(xt)
+            self.labels.append(yt[0])
+        self.fg_planes = [i for i, y in enumerate(self.labels) if y.any()]
+        self.fg_coords = {i: np.flatnonzero(self.labels[i]) for i in self.fg_planes}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _crop(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        p = self.patch
+        if self.fg_planes and rng.random() < self.fg_prob:
+            k = self.fg_planes[rng.integers(len(self.fg_planes))]
+            h, w = self.labels[k].shape
+            cy, cx = divmod(int(self.fg_coords[k][rng.integers(len(self.fg_coords[k]))]), w)
+            y0 = int(np.clip(cy - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, h - p))
+            x0 = int(np.clip(cx - p // 2 + rng.integers(-p // 4, p // 4 + 1), 0, w - p))
+        else:
+            k = int(rng.integers(len(self.planes)))
+            h, w = self.labels[k].shape
+            y0, x0 = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
+        return self.planes[k][:, y0:y0 + p, x0:x0 + p], self.labels[k][y0:y0 + p, x0:x0 + p]
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._crop(i)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        crops = [self._crop(i) for i in idx]
+        return (torch.from_numpy(np.stack([c[0] for c in crops])), torch.from_numpy(np.stack([c[1] for c in crops])))
+
+
+def _pad_np(x: np.ndarray, patch: int, value: float) -> tuple[np.ndarray, tuple[int, int]]:
+    h, w = x.shape[-2:]
+    dh, dw = max(0, patch - h), max(0, patch - w)
+    if dh or dw:
+        x = np.pad(x, ((0, 0), (dh // 2, dh - dh // 2), (dw // 2, dw - dw // 2)), constant_values=value)
+    return x, (dh, dw)
+
+
+def training_planes(cases: list[LoadedCase], prep: Preprocessing) -> tuple[list[np.ndarray], list[np.ndarray], list[float]]:
+    """All planes of ``cases`` at training scale (``resize_long_side``), with each case's pad value."""
+    from preprocess import resize_planes, scaled_size
+
+    planes, labels, pads = [], [], []
+    for c in cases:
+        z, _, h, w = c.planes.shape
+        size = scaled_size(h, w, prep)
+        x = resize_planes(torch.from_numpy(c.planes), size).numpy()
+        y = resize_planes(torch.from_numpy(c.labels), size, labels=True).numpy()
+        v = pad_value(c.planes)
+        for k in range(z):
+            planes.append(x[k])
+            labels.append(y[k])
+            pads.append(v)
+    return planes, labels, pads
