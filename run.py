@@ -59,7 +59,7 @@ def run_synthetic(cfg: TrainConfig) -> dict:
     eval_bs = max(cfg.batch_size, 16)
     result = fit(model, subsets["train"], lambda m: evaluate(m, val.images, val.labels, eval_bs, device, precision,
                                                               cfg.channels_last, cfg.threshold),
-                 cfg, device, precision, cfg.checkpoint)
+                 cfg, device, precision, cfg.checkpoint, extra_checkpoint={"preprocessing": synthetic_preprocessing(cfg).to_dict()})
     visualize.plot_training_history(result.history, out_dir)
 
     # test: the best-validation checkpoint, reloaded from disk exactly as a user would
@@ -93,6 +93,11 @@ def run_synthetic(cfg: TrainConfig) -> dict:
              len(test), s["dice"], s["iou"], s["sensitivity"], s["precision"], baseline_dice)
     log.info("全部完成! 图像与结果保存在 %s/, 模型 %s (%.1f s)", out_dir, cfg.checkpoint, summary["total_seconds"])
     return summary
+
+
+def synthetic_preprocessing(cfg: TrainConfig) -> Preprocessing:
+    """Synthetic images are in [0, 1], i.e. 8-bit grey / 255: a model trained on them reads PNGs with ``unit``."""
+    return Preprocessing(normalization="unit", in_channels=1, patch_size=cfg.image_size, class_names=["lesion"])
 
 
 def auto_preprocessing(cfg: TrainConfig, first: medio.ImageMeta, first_image: np.ndarray,

@@ -1,0 +1,109 @@
+"""Preprocessing, augmentation and sliding-window inference on small hand-made arrays."""
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+
+from augment import Augmenter
+from errors import ConfigError
+from inference import gaussian_weight, predict_planes, probs_to_labels, tile_starts
+from preprocess import Preprocessing, normalize, parse_labels, parse_window, scaled_size, to_classes, to_planes
+
+
+def test_window_presets_and_custom():
+    assert parse_window("liver") == [30.0, 150.0]
+    assert parse_window("40,400") == [40.0, 400.0]
+    with pytest.raises(ConfigError, match="LEVEL,WIDTH"):
+        parse_window("wide")
+    with pytest.raises(ConfigError, match="width"):
+        parse_window("40,0")
+    hu = np.array([-1000.0, -160.0, 40.0, 240.0, 3000.0])
+    out = normalize(hu, Preprocessing(normalization="window", window=[40.0, 400.0]))
+    assert out.tolist() == [0.0, 0.0, 0.5, 1.0, 1.0]
+
+
+def test_zscore_percentile_unit():
+    x = np.arange(100, dtype=np.float32).reshape(10, 10)
+    z = normalize(x, Preprocessing(normalization="zscore"))
+    assert abs(z.mean()) < 1e-5 and abs(z.std() - 1) < 1e-4
+    p = normalize(x, Preprocessing(normalization="percentile"))
+    assert p.min() == 0.0 and p.max() == 1.0
+    assert normalize(np.array([255.0]), Preprocessing(normalization="unit"))[0] == 1.0
+
+
+def test_labels_parsing_and_mapping():
+    assert parse_labels(None) == (None, ["foreground"])
+    assert parse_labels("1,2") == ([[1], [2]], ["1", "2"])
+    assert parse_labels("1+2") == ([[1, 2]], ["1+2"])
+    assert parse_labels("anterior,posterior", {"anterior": 1, "posterior": 2}) == ([[1], [2]], ["anterior", "posterior"])
+    with pytest.raises(ConfigError, match="unknown label"):
+        parse_labels("liver")
+    m = np.array([0, 1, 2, 3])
+    assert to_classes(m, Preprocessing(class_values=None)).tolist() == [0, 1, 1, 1]
+    assert to_classes(m, Preprocessing(class_values=[[1, 2]], class_names=["x"])).tolist() == [0, 1, 1, 0]
+    assert to_classes(m, Preprocessing(class_values=[[2], [3]], class_names=["a", "b"])).tolist() == [0, 0, 1, 2]
+
+
+def test_planes_channels():
+    rgb = np.zeros((5, 7, 3), np.float32)
+    rgb[..., 1] = 255
+    one = to_planes(rgb, 2, Preprocessing(normalization="unit", in_channels=1))
+    assert one.shape == (1, 1, 5, 7) and np.allclose(one, 0.587)  # BT.601 luminance of pure green
+    three = to_planes(rgb, 2, Preprocessing(normalization="unit", in_channels=3))
+    assert three.shape == (1, 3, 5, 7) and np.allclose(three[0, 1], 1.0)
+    vol = np.random.default_rng(0).normal(size=(4, 6, 8))
+    assert to_planes(vol, 3, Preprocessing(normalization="zscore")).shape == (4, 1, 6, 8)
+    assert to_planes(vol, 3, Preprocessing(in_channels=3)).shape == (4, 3, 6, 8)
+    assert scaled_size(100, 50, Preprocessing(resize_long_side=40)) == (40, 20)
+    assert scaled_size(100, 50, Preprocessing()) == (100, 50)
+
+
+def test_tiles_cover_and_weights():
+    assert tile_starts(64, 64, 0.5) == [0]
+    starts = tile_starts(150, 64, 0.5)
+    assert starts[0] == 0 and starts[-1] == 150 - 64
+    assert all(b - a <= 32 for a, b in zip(starts, starts[1:]))
+    w = gaussian_weight(64)
+    assert w.shape == (64, 64) and w.max() == 1.0 and w.min() > 0
+
+
+class ThresholdModel(nn.Module):
+    """Stand-in with a known answer: logit = 20 * (x - 0.5), so the mask is exactly x > 0.5."""
+
+    def forward(self, x):
+        return 20 * (x[:, :1] - 0.5)
+
+
+@pytest.mark.parametrize("shape,resize", [((1, 1, 100, 150), None), ((3, 1, 40, 30), None), ((1, 1, 37, 53), 64)])
+def test_sliding_window_reproduces_a_known_model_exactly(shape, resize):
+    rng = np.random.default_rng(1)
+    planes = (rng.random(shape) > 0.7).astype(np.float32) * 0.6 + 0.2  # values 0.2 / 0.8
+    prep = Preprocessing(patch_size=32, resize_long_side=resize)
+    probs = predict_planes(ThresholdModel(), planes, prep, overlap=0.5)
+    assert probs.shape == (shape[0], 1, shape[2], shape[3])
+    pred = probs_to_labels(probs)
+    if resize is None:  # tiles, padding and blending must not change a pixel-wise answer
+        assert np.array_equal(pred, (planes[:, 0] > 0.5).astype(np.uint8))
+    else:  # resampled there and back: nearly all pixels agree
+        assert (pred == (planes[:, 0] > 0.5)).mean() > 0.85
+
+
+def test_multiclass_probs_to_labels():
+    p = np.zeros((1, 3, 2, 2), np.float32)
+    p[0, 2, 0, 0] = p[0, 1, 1, 1] = 1
+    p[0, 0, 0, 1] = p[0, 0, 1, 0] = 1
+    assert probs_to_labels(p)[0].tolist() == [[2, 0], [0, 1]]
+
+
+def test_augmentation_is_seeded_and_keeps_labels_integer():
+    x = torch.rand(4, 1, 32, 32)
+    y = (x[:, 0] > 0.5).to(torch.uint8)
+    a1, b1 = Augmenter(seed=3, elastic=0.05)(x, y)
+    a2, b2 = Augmenter(seed=3, elastic=0.05)(x, y)
+    assert torch.equal(a1, a2) and torch.equal(b1, b2)
+    assert a1.shape == x.shape and b1.shape == y.shape and b1.dtype == torch.uint8
+    assert set(b1.unique().tolist()) <= {0, 1}
+    assert not torch.equal(a1, x)
+    # flips only: the label follows the image exactly
+    a, b = Augmenter(seed=0, rotate_deg=0, scale=(1.0, 1.0), intensity=0)(x, y)
+    assert torch.equal((a[:, 0] > 0.5).to(torch.uint8), b)
