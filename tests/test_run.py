@@ -2,7 +2,6 @@
 import json
 
 import pytest
-import torch
 
 import run
 from train import load_checkpoint
