@@ -7,6 +7,10 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import platform
+import shutil
+import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -19,7 +23,7 @@ import datasets
 import medio
 import visualize
 from augment import Augmenter
-from errors import InputError
+from errors import ConfigError, InputError
 from inference import predict_planes, probs_to_labels
 from metrics import best_threshold_dice, case_scores, per_case_scores, summarize
 from model import UNet, count_parameters
@@ -37,8 +41,7 @@ def run_synthetic(cfg: TrainConfig) -> dict:
     set_seed(cfg.seed)
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_output(cfg, device, precision)
     log.info("使用设备: %s (%s)", device, precision)
 
     data = data_gen.generate_dataset(cfg.num_samples, cfg.image_size, cfg.seed, cfg.difficulty)
@@ -138,14 +141,15 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
     prep = auto_preprocessing(cfg, first_meta, first_image, class_values, class_names)
     log.info("数据集 %s: %s 布局, %d 例; 预处理 %s", cfg.data, spec.layout, len(refs), prep)
     cases = datasets.load_cases(refs, prep)  # lists every problem, then fails once
-    out_dir.mkdir(parents=True, exist_ok=True)
     if check_only:
+        out_dir.mkdir(parents=True, exist_ok=True)
         report = dataset_report(cases, prep)
         _write_json(out_dir / "dataset_report.json", report)
         return report
 
     device = select_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
+    prepare_output(cfg, device, precision)
     split = datasets.split_cases(refs, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     _write_json(out_dir / "split.json", split)
     by_id = {c.ref.case_id: c for c in cases}
@@ -298,6 +302,32 @@ def dataset_report(cases: list, prep: Preprocessing) -> dict:
                      f", 体积 {n * vox_ml:.1f} mL" if vox_ml else "")
         report["cases"].append(entry)
     return report
+
+
+def prepare_output(cfg: TrainConfig, device: torch.device, precision: str, min_free_mb: int = 200) -> Path:
+    """Check, before any training, that the outputs can be written; record config, versions, device and seed.
+
+    Raises :class:`ConfigError` for an unwritable folder or too little free disk space, so a run fails
+    in the first second instead of after an hour of training.
+    """
+    out_dir = Path(cfg.output_dir)
+    for folder in {out_dir, Path(cfg.checkpoint).resolve().parent}:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"{folder}: cannot write there ({exc.strerror or exc}); choose another --output-dir/--checkpoint") from exc
+        free_mb = shutil.disk_usage(folder).free / 2**20
+        if free_mb < min_free_mb:
+            raise ConfigError(f"{folder}: only {free_mb:.0f} MB free on disk, need at least {min_free_mb} MB for checkpoints and figures")
+    info = {"config": asdict(cfg), "seed": cfg.seed, "device": str(device), "dtype": precision,
+            "torch_threads": torch.get_num_threads(), "command": sys.argv,
+            "versions": {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
+                         "platform": platform.platform()},
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    _write_json(out_dir / "run_info.json", info)
+    return out_dir
 
 
 def _showcase_indices(dice: np.ndarray, k: int = 4) -> list[int]:

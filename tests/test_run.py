@@ -20,7 +20,7 @@ def _run(tmp_path, name, *extra):
 def test_run_writes_every_output(tmp_path):
     out = _run(tmp_path, "a")
     for name in ("training_history.png", "synthetic_data_samples.png", "segmentation_results.png",
-                 "history.json", "summary.json", "best_unet.pth"):
+                 "history.json", "summary.json", "run_info.json", "best_unet.pth"):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     for key in ("dice", "iou", "sensitivity", "precision", "threshold_baseline_dice", "epochs", "train_seconds", "device"):
@@ -29,6 +29,8 @@ def test_run_writes_every_output(tmp_path):
     history = json.loads((out / "history.json").read_text(encoding="utf-8"))
     assert history["epoch"] == [1, 2]
     assert {"train_loss", "val_loss", "val_dice", "val_iou", "lr"} <= set(history)
+    info = json.loads((out / "run_info.json").read_text(encoding="utf-8"))
+    assert info["seed"] == 42 and {"python", "torch", "numpy"} <= set(info["versions"]) and info["device"] == "cpu"
     model, ckpt = load_checkpoint(out / "best_unet.pth")
     assert ckpt["config"]["image_size"] == 32 and ckpt["epoch"] == summary["best_epoch"]
 
@@ -46,3 +48,12 @@ def test_bad_config_is_a_polite_error(tmp_path, caplog):
     assert code == 2
     assert "--epochs must be >= 1" in caplog.text
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_unwritable_output_fails_before_training(tmp_path, caplog):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    code = run.main(TINY + ["--output-dir", str(blocker / "out"), "--checkpoint", str(tmp_path / "b.pth")])
+    assert code == 2
+    assert "cannot write there" in caplog.text and "Epoch" not in caplog.text
+    assert blocker.read_text() == "not a folder"
