@@ -29,6 +29,10 @@ class Augmenter:
     def __post_init__(self) -> None:
         self.gen = torch.Generator().manual_seed(self.seed)
 
+    def reseed(self, seed: int) -> None:
+        """Restart the random stream (the training loop does this every epoch, so resuming is exact)."""
+        self.gen.manual_seed(seed)
+
     def _u(self, n: int, lo: float, hi: float) -> torch.Tensor:
         return torch.rand(n, generator=self.gen) * (hi - lo) + lo
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -23,13 +24,13 @@ import datasets
 import medio
 import visualize
 from augment import Augmenter
-from errors import ConfigError, InputError
+from errors import CheckpointError, ConfigError, InputError
 from inference import predict_planes, probs_to_labels
 from metrics import best_threshold_dice, case_scores, per_case_scores, summarize
 from model import UNet, count_parameters
 from preprocess import WINDOW_PRESETS, Preprocessing, parse_labels, parse_window
-from train import (ArrayDataset, TrainConfig, evaluate, fit, load_checkpoint, resolve_precision, select_device, set_seed,
-                   split_indices)
+from train import (ArrayDataset, DistInfo, FitResult, TrainConfig, evaluate, fit, load_checkpoint, resolve_precision,
+                   select_device, set_seed, split_indices)
 
 log = logging.getLogger("run")
 
@@ -39,10 +40,9 @@ def run_synthetic(cfg: TrainConfig) -> dict:
     cfg.validate()
     t_run = time.perf_counter()
     set_seed(cfg.seed)
-    device = select_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    out_dir = prepare_output(cfg, device, precision)
-    log.info("使用设备: %s (%s)", device, precision)
+    device, precision, dist_info = setup_run(cfg)
+    out_dir = prepare_output(cfg, device, precision) if dist_info.main else Path(cfg.output_dir)
+    log.info("使用设备: %s (%s)%s", device, precision, f", {dist_info.world_size} 个进程" if dist_info.world_size > 1 else "")
 
     data = data_gen.generate_dataset(cfg.num_samples, cfg.image_size, cfg.seed, cfg.difficulty)
     split = split_indices(len(data), cfg.val_fraction, cfg.test_fraction, cfg.seed)
@@ -51,15 +51,18 @@ def run_synthetic(cfg: TrainConfig) -> dict:
     subsets = {k: ArrayDataset(images[idx], labels[idx]) for k, idx in split.items()}
     log.info("数据: %d 张 %dx%d (%s), 训练/验证/测试 = %d/%d/%d", len(data), cfg.image_size, cfg.image_size,
              cfg.difficulty, *(len(split[k]) for k in ("train", "val", "test")))
-    visualize.plot_synthetic_samples(data.images[split["train"]], data.lesions[split["train"]], out_dir, seed=cfg.seed)
+    if dist_info.main:
+        visualize.plot_synthetic_samples(data.images[split["train"]], data.lesions[split["train"]], out_dir, seed=cfg.seed)
 
     model = UNet(n_channels=1, n_classes=1, base_channels=cfg.base_channels, bilinear=cfg.bilinear)
     log.info("模型参数量: %s", f"{count_parameters(model):,}")
     val = subsets["val"]
     eval_bs = max(cfg.batch_size, 16)
-    result = fit(model, subsets["train"], lambda m: evaluate(m, val.images, val.labels, eval_bs, device, precision,
-                                                              cfg.channels_last, cfg.threshold),
-                 cfg, device, precision, cfg.checkpoint, extra_checkpoint={"preprocessing": synthetic_preprocessing(cfg).to_dict()})
+    result = train_model(cfg, model, subsets["train"],
+                         lambda m: evaluate(m, val.images, val.labels, eval_bs, device, precision, cfg.channels_last, cfg.threshold),
+                         device, precision, {"preprocessing": synthetic_preprocessing(cfg).to_dict()}, dist_info)
+    if not dist_info.main:
+        return {}
     visualize.plot_training_history(result.history, out_dir)
 
     # test: the best-validation checkpoint, reloaded from disk exactly as a user would
@@ -93,6 +96,47 @@ def run_synthetic(cfg: TrainConfig) -> dict:
              len(test), s["dice"], s["iou"], s["sensitivity"], s["precision"], baseline_dice)
     log.info("全部完成! 图像与结果保存在 %s/, 模型 %s (%.1f s)", out_dir, cfg.checkpoint, summary["total_seconds"])
     return summary
+
+
+#: options that may differ between a run and its --resume
+RESUME_FREE = {"epochs", "resume", "progress", "device", "num_workers"}
+
+
+def setup_run(cfg: TrainConfig) -> tuple[torch.device, str, DistInfo]:
+    """Device, numeric precision and, under ``torchrun``, the process group (gloo on CPU, NCCL on CUDA)."""
+    device = select_device(cfg.device)
+    dist_info = DistInfo()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+        if device.type == "cuda":
+            device = torch.device("cuda", local)
+            torch.cuda.set_device(device)
+        if not torch.distributed.is_initialized():
+            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist_info = DistInfo(rank, world, local)
+    return device, resolve_precision(cfg.precision, device), dist_info
+
+
+def train_model(cfg: TrainConfig, model: UNet, train_data, validate, device: torch.device, precision: str,
+                extra: dict, dist_info: DistInfo, augment=None) -> FitResult:
+    """:func:`train.fit` with ``last.pth`` in the output folder, continuing from it when ``cfg.resume``."""
+    last = Path(cfg.output_dir) / "last.pth"
+    resume = None
+    if cfg.resume:
+        if not last.is_file():
+            raise ConfigError(f"{last}: nothing to resume (no last.pth in --output-dir {cfg.output_dir})")
+        saved, ckpt = load_checkpoint(last, "cpu")
+        differ = [f"{k}: {ckpt['config'].get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
+                  if k not in RESUME_FREE and ckpt["config"].get(k) != v]
+        if differ:
+            raise ConfigError(f"{last}: the run was started with other settings ({'; '.join(differ)}); "
+                              "resume with the same options (only --epochs may grow)")
+        if "resume" not in ckpt:
+            raise CheckpointError(f"{last}: holds no training state to resume from")
+        model.load_state_dict(saved.state_dict())
+        resume = ckpt["resume"]
+    return fit(model, train_data, validate, cfg, device, precision, cfg.checkpoint, augment, extra, last, resume, dist_info)
 
 
 def synthetic_preprocessing(cfg: TrainConfig) -> Preprocessing:
@@ -147,11 +191,11 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
         _write_json(out_dir / "dataset_report.json", report)
         return report
 
-    device = select_device(cfg.device)
-    precision = resolve_precision(cfg.precision, device)
-    prepare_output(cfg, device, precision)
+    device, precision, dist_info = setup_run(cfg)
     split = datasets.split_cases(refs, cfg.val_fraction, cfg.test_fraction, cfg.seed)
-    _write_json(out_dir / "split.json", split)
+    if dist_info.main:
+        prepare_output(cfg, device, precision)
+        _write_json(out_dir / "split.json", split)
     by_id = {c.ref.case_id: c for c in cases}
     sets = {k: [by_id[i] for i in ids] for k, ids in split.items()}
     log.info("按病例划分 训练/验证/测试 = %d/%d/%d 例 (split.json)", *(len(sets[k]) for k in ("train", "val", "test")))
@@ -164,7 +208,8 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
     vp, vl, vpad = datasets.training_planes(sets["val"], prep)
     val_patches = datasets.PatchDataset(vp, vl, prep.patch_size, min(256, max(32, len(vp))), cfg.fg_prob, cfg.seed + 1, vpad)
     val_x, val_y = val_patches.__getitems__(list(range(len(val_patches))))
-    visualize.plot_synthetic_samples(val_x[:, 0].numpy(), val_y.numpy(), out_dir, seed=cfg.seed)
+    if dist_info.main:
+        visualize.plot_synthetic_samples(val_x[:, 0].numpy(), val_y.numpy(), out_dir, seed=cfg.seed)
     augment = Augmenter(seed=cfg.seed, elastic=cfg.elastic) if cfg.augment else None
 
     def validate(m: UNet) -> dict:
@@ -176,7 +221,9 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
                  bilinear=cfg.bilinear)
     log.info("模型参数量: %s; 每轮 %d 个 %dx%d 训练块", f"{count_parameters(model):,}", length, prep.patch_size, prep.patch_size)
     extra = {"preprocessing": prep.to_dict(), "split": split}
-    result = fit(model, train_data, validate, cfg, device, precision, cfg.checkpoint, augment=augment, extra_checkpoint=extra)
+    result = train_model(cfg, model, train_data, validate, device, precision, extra, dist_info, augment)
+    if not dist_info.main:
+        return {}
     visualize.plot_training_history(result.history, out_dir)
 
     best, _ = load_checkpoint(cfg.checkpoint, device)

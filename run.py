@@ -10,11 +10,13 @@ import argparse
 import logging
 import sys
 
+import torch
+
 import data_gen
 from errors import MedSegError
 from experiments import run_dataset, run_synthetic
 from preprocess import WINDOW_PRESETS
-from train import TrainConfig
+from train import TrainConfig, TrainingInterrupted
 
 log = logging.getLogger("run")
 
@@ -42,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=d.output_dir, help="folder for figures, history.json and summary.json")
     p.add_argument("--checkpoint", default=d.checkpoint, help="where to save the best model")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the per-epoch progress bar")
+    p.add_argument("--resume", action="store_true", help="continue from last.pth in --output-dir (after a crash or Ctrl-C)")
     r = p.add_argument_group("real data (instead of synthetic images)")
     r.add_argument("--data", default=None, help="dataset folder: MSD imagesTr/labelsTr, images/+masks/ folders, or "
                    "PATIENT_DICOM+MASKS_DICOM; --image-size is then the square training patch")
@@ -76,9 +79,15 @@ def main(argv: list[str] | None = None) -> int:
             run_dataset(cfg, check_only=check)
         else:
             run_synthetic(cfg)
+    except TrainingInterrupted as exc:
+        log.error("%s", exc)
+        return 130
     except MedSegError as exc:
         log.error("error: %s", exc)
         return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
     return 0
 
 

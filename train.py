@@ -20,10 +20,11 @@ from typing import Callable
 
 import numpy as np
 import torch
+import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from errors import CheckpointError, ConfigError
+from errors import CheckpointError, ConfigError, MedSegError
 from metrics import logits_to_labels, per_case_scores, segmentation_loss, summarize
 from model import UNet, UNetArgs
 
@@ -72,6 +73,7 @@ class TrainConfig:
     elastic: float = 0.0
     overlap: float = 0.5
     max_cases: int = 0  # 0 = all cases (a smaller number for quick experiments)
+    resume: bool = False  # continue from last.pth in output_dir
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` listing every invalid value at once."""
@@ -335,6 +337,23 @@ def _plain(obj):
 
 
 # ------------------------------------------------------------------------------------ the loop
+class TrainingInterrupted(MedSegError):
+    """Ctrl-C during training; ``last.pth`` holds the last completed epoch."""
+
+
+@dataclass
+class DistInfo:
+    """torchrun / DistributedDataParallel context (world_size 1 = a plain single process)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
 @dataclass
 class FitResult:
     history: dict[str, list] = field(default_factory=dict)
@@ -343,47 +362,122 @@ class FitResult:
     train_seconds: float = 0.0
 
 
+def rng_state() -> dict:
+    """Global RNG states of torch, NumPy and Python as weights_only-safe values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    return {"torch": torch.get_rng_state(),
+            "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)), "pos": int(np_state[2]),
+                      "has_gauss": int(np_state[3]), "cached": float(np_state[4])},
+            "python": [py_state[0], list(py_state[1]), py_state[2]]}
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+
+
 def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg: TrainConfig,
         device: torch.device, precision: str, checkpoint_path: str | os.PathLike,
-        augment: Callable | None = None, extra_checkpoint: dict | None = None) -> FitResult:
+        augment: Callable | None = None, extra_checkpoint: dict | None = None,
+        last_path: str | os.PathLike | None = None, resume: dict | None = None,
+        dist_info: DistInfo | None = None) -> FitResult:
     """Train with Adam + ReduceLROnPlateau(val loss); save the best-validation-Dice model atomically.
 
     ``train_data`` yields (images, labels) batches through ``__getitems__`` (and may have ``set_epoch``);
     ``validate(model)`` returns ``{"loss": float, "summary": {"dice", "iou", "sensitivity", "precision", ...}}``.
+    ``last_path``: written after every epoch with everything needed to continue (``resume`` = its
+    ``"resume"`` entry). Batch order and augmentation are seeded per epoch, so a resumed run repeats
+    exactly what the uninterrupted run would have done. Under torchrun (``dist_info.world_size > 1``)
+    the model is wrapped in DistributedDataParallel, each rank trains on its share of every epoch,
+    losses are averaged over ranks, and rank 0 validates, saves and broadcasts its decision.
     """
+    dist_info = dist_info or DistInfo()
     model.to(device)
     if cfg.channels_last:
         model.to(memory_format=torch.channels_last)
+    net: nn.Module = model
+    sampler = None
+    if dist_info.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+        from torch.utils.data.distributed import DistributedSampler
+
+        net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        sampler = DistributedSampler(train_data, dist_info.world_size, dist_info.rank, shuffle=True, seed=cfg.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
                                                            patience=cfg.lr_patience)
-    loader = make_loader(train_data, cfg.batch_size, shuffle=True, seed=cfg.seed, num_workers=cfg.num_workers)
+    gen = torch.Generator()
+    loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen,
+                        num_workers=cfg.num_workers, collate_fn=_keep_batch, persistent_workers=cfg.num_workers > 0)
     res = FitResult(history={k: [] for k in ("epoch", "train_loss", "val_loss", "val_dice", "val_iou",
                                              "val_sensitivity", "val_precision", "lr", "seconds")})
     best_key = (-math.inf, -math.inf)
-    t_start = time.perf_counter()
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        lr = optimizer.param_groups[0]["lr"]
-        if hasattr(train_data, "set_epoch"):
-            train_data.set_epoch(epoch)
-        train_loss = train_one_epoch(model, loader, optimizer, device, precision, cfg.channels_last,
-                                     desc=f"Epoch {epoch}/{cfg.epochs}", progress=cfg.progress, augment=augment)
-        val = validate(model)
-        scheduler.step(val["loss"])
-        s = val["summary"]
-        for k, v in (("epoch", epoch), ("train_loss", train_loss), ("val_loss", val["loss"]), ("val_dice", s["dice"]),
-                     ("val_iou", s["iou"]), ("val_sensitivity", s["sensitivity"]), ("val_precision", s["precision"]),
-                     ("lr", lr), ("seconds", time.perf_counter() - t0)):
-            res.history[k].append(v)
-        key = (s["dice"], -val["loss"])
-        if key > best_key:  # best validation Dice, ties broken by lower validation loss
-            best_key, res.best_epoch = key, epoch
-            res.best_val = {"val_loss": val["loss"], **{k: v for k, v in s.items() if k != "per_class"}}
-            save_checkpoint(checkpoint_path, model, cfg, epoch, res.best_val, extra_checkpoint)
-        log.info("Epoch %2d | Train: %.4f | Val: %.4f | Dice: %.4f | IoU: %.4f | lr %.1e | %.1fs%s",
-                 epoch, train_loss, val["loss"], s["dice"], s["iou"], lr, time.perf_counter() - t0,
-                 " *" if res.best_epoch == epoch else "")
+    start, spent = 1, 0.0
+    if resume:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        res.history, res.best_epoch, res.best_val = resume["history"], resume["best_epoch"], resume["best_val"]
+        best_key, start, spent = tuple(resume["best_key"]), resume["epoch"] + 1, resume["train_seconds"]
+        set_rng_state(resume["rng"])
+        log.info("resuming after epoch %d (best epoch %d)", resume["epoch"], res.best_epoch)
+    t_start = time.perf_counter() - spent
+    epoch = start - 1
+    try:
+        for epoch in range(start, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            lr = optimizer.param_groups[0]["lr"]
+            gen.manual_seed(cfg.seed * 100_003 + epoch)  # batch order of this epoch, whatever came before
+            for obj in (train_data, sampler):
+                if hasattr(obj, "set_epoch"):
+                    obj.set_epoch(epoch)
+            if hasattr(augment, "reseed"):
+                augment.reseed(cfg.seed * 100_003 + epoch)
+            train_loss = train_one_epoch(net, loader, optimizer, device, precision, cfg.channels_last,
+                                         desc=f"Epoch {epoch}/{cfg.epochs}", progress=cfg.progress and dist_info.main,
+                                         augment=augment)
+            train_loss = _mean_over_ranks(train_loss, dist_info, device)
+            val = validate(model) if dist_info.main else None
+            if dist_info.world_size > 1:  # every rank takes rank 0's validation, so all schedulers agree
+                box = [val]
+                torch.distributed.broadcast_object_list(box, src=0)
+                val = box[0]
+            scheduler.step(val["loss"])
+            s = val["summary"]
+            for k, v in (("epoch", epoch), ("train_loss", train_loss), ("val_loss", val["loss"]), ("val_dice", s["dice"]),
+                         ("val_iou", s["iou"]), ("val_sensitivity", s["sensitivity"]), ("val_precision", s["precision"]),
+                         ("lr", lr), ("seconds", time.perf_counter() - t0)):
+                res.history[k].append(v)
+            key = (s["dice"], -val["loss"])
+            if key > best_key:  # best validation Dice, ties broken by lower validation loss
+                best_key, res.best_epoch = key, epoch
+                res.best_val = {"val_loss": val["loss"], **{k: v for k, v in s.items() if k != "per_class"}}
+                if dist_info.main:
+                    save_checkpoint(checkpoint_path, model, cfg, epoch, res.best_val, extra_checkpoint)
+            if last_path and dist_info.main:
+                state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": res.history,
+                         "best_epoch": res.best_epoch, "best_val": res.best_val, "best_key": list(best_key),
+                         "epoch": epoch, "train_seconds": time.perf_counter() - t_start, "rng": rng_state()}
+                save_checkpoint(last_path, model, cfg, epoch, res.best_val, {**(extra_checkpoint or {}), "resume": state})
+            if dist_info.main:
+                log.info("Epoch %2d | Train: %.4f | Val: %.4f | Dice: %.4f | IoU: %.4f | lr %.1e | %.1fs%s",
+                         epoch, train_loss, val["loss"], s["dice"], s["iou"], lr, time.perf_counter() - t0,
+                         " *" if res.best_epoch == epoch else "")
+    except KeyboardInterrupt:
+        done = epoch - 1 if epoch >= start else start - 1
+        where = f"{last_path} holds epoch {done}" if last_path and done >= 1 else "no epoch was completed"
+        raise TrainingInterrupted(f"training interrupted during epoch {epoch}; {where}. "
+                                  f"Resume with the same command plus --resume") from None
     res.train_seconds = time.perf_counter() - t_start
     return res
 
+
+def _mean_over_ranks(value: float, dist_info: DistInfo, device: torch.device) -> float:
+    if dist_info.world_size == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(t)
+    return float(t.item()) / dist_info.world_size
