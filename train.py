@@ -324,7 +324,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
 def _plain(obj):
     """Convert NumPy scalars/arrays and paths to plain Python values (JSON- and weights_only-safe)."""
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {(k if isinstance(k, (int, str)) else str(k)): _plain(v) for k, v in obj.items()}  # int keys: optimizer state
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     if isinstance(obj, np.ndarray):
