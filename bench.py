@@ -249,11 +249,10 @@ def _training_record(summary: dict, history: dict, phase: dict | None = None) ->
     epoch_hit, s_hit = seconds_to_dice(val_dice, seconds)
     fit_s = float(summary.get("train_seconds") or sum(seconds) or math.nan)
     n_epochs = len(seconds) or summary.get("epochs", 0)
-    cfg = summary.get("config", {})
-    n_train = max(1, cfg.get("num_samples", 0) - round(cfg.get("num_samples", 0) * cfg.get("val_fraction", 0.1))
-                  - round(cfg.get("num_samples", 0) * cfg.get("test_fraction", 0.2)))
-    rec = {"cumulative_seconds": [float(x) for x in np.cumsum(seconds)], "test_dice": summary.get("dice"), "best_val_dice": summary.get("best_val_dice"), "dtype": summary.get("dtype"),
-           "epochs": n_epochs, "train_seconds": fit_s, "total_seconds": summary.get("total_seconds"),
+    cfg = TrainConfig.from_dict(summary.get("config", {}))
+    n_train = len(train.split_indices(cfg.num_samples, cfg.val_fraction, cfg.test_fraction, cfg.seed)["train"])
+    rec = {"test_dice": summary.get("dice"), "best_val_dice": summary.get("best_val_dice"), "dtype": summary.get("dtype"),
+           "cumulative_seconds": [float(x) for x in np.cumsum(seconds)], "epochs": n_epochs, "train_seconds": fit_s, "total_seconds": summary.get("total_seconds"),
            "val_dice_per_epoch": val_dice, "epoch_seconds": seconds,
            "first_epoch_at_target": epoch_hit, "seconds_to_target": s_hit,
            "train_images_per_second_incl_eval": n_train * n_epochs / fit_s if fit_s else None}
