@@ -422,7 +422,7 @@ def _onnx_runner(model: nn.Module, example: torch.Tensor) -> tuple[Runner | None
         import onnxruntime as ort
     except ImportError:
         return None, {"onnx_skipped": "onnxruntime is not installed (pip install onnxruntime onnx onnxscript)"}
-    model = model.to(memory_format=torch.contiguous_format).float().eval()
+    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format).float().eval()  # never touch the caller's
     path = Path(tempfile.mkdtemp(prefix="bench_onnx_")) / "unet.onnx"
     t0 = time.perf_counter()
     err = None
