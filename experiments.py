@@ -83,7 +83,7 @@ def run_synthetic(cfg: TrainConfig) -> dict:
         "dice_std": s["dice_std"], "test_images": len(test), "test_loss": ev["loss"],
         "threshold_baseline_dice": baseline_dice, "threshold_baseline": f"image {baseline_dir} {baseline_t:.3f}",
         "best_epoch": result.best_epoch, "best_val_dice": result.best_val.get("dice"),
-        "epochs": cfg.epochs, "train_seconds": round(result.train_seconds, 2),
+        "epochs": cfg.epochs, "train_seconds": round(result.train_seconds, 2), "train_cpu_seconds": round(result.train_cpu_seconds, 1),
         "total_seconds": round(time.perf_counter() - t_run, 2), "device": str(device), "dtype": precision,
         "difficulty": cfg.difficulty, "seed": cfg.seed, "checkpoint": str(cfg.checkpoint),
         "counting": "per-image mean over the test split; empty prediction on empty truth = 1; "
@@ -235,7 +235,7 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
         **{k: stats[k] for k in ("dice", "iou", "sensitivity", "precision")},
         "per_class": stats["per_class"], "test_cases": len(sets["test"]), "threshold_baseline_dice": None,
         "best_epoch": result.best_epoch, "best_val_dice": result.best_val.get("dice"), "epochs": cfg.epochs,
-        "train_seconds": round(result.train_seconds, 2), "total_seconds": round(time.perf_counter() - t_run, 2),
+        "train_seconds": round(result.train_seconds, 2), "train_cpu_seconds": round(result.train_cpu_seconds, 1), "total_seconds": round(time.perf_counter() - t_run, 2),
         "device": str(device), "dtype": precision, "data": str(cfg.data), "layout": spec.layout,
         "preprocessing": prep.to_dict(), "checkpoint": str(cfg.checkpoint),
         "counting": "per-case (per patient volume / per image) at the original resolution; see README",

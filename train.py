@@ -360,6 +360,7 @@ class FitResult:
     best_epoch: int = 0
     best_val: dict = field(default_factory=dict)
     train_seconds: float = 0.0
+    train_cpu_seconds: float = 0.0  # CPU time of this process (all threads): independent of other jobs
 
 
 def rng_state() -> dict:
@@ -425,6 +426,7 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
         set_rng_state(resume["rng"])
         log.info("resuming after epoch %d (best epoch %d)", resume["epoch"], res.best_epoch)
     t_start = time.perf_counter() - spent
+    cpu_start = time.process_time() - (resume or {}).get("train_cpu_seconds", 0.0)
     epoch = start - 1
     try:
         for epoch in range(start, cfg.epochs + 1):
@@ -460,7 +462,8 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
             if last_path and dist_info.main:
                 state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": res.history,
                          "best_epoch": res.best_epoch, "best_val": res.best_val, "best_key": list(best_key),
-                         "epoch": epoch, "train_seconds": time.perf_counter() - t_start, "rng": rng_state()}
+                         "epoch": epoch, "train_seconds": time.perf_counter() - t_start,
+                         "train_cpu_seconds": time.process_time() - cpu_start, "rng": rng_state()}
                 save_checkpoint(last_path, model, cfg, epoch, res.best_val, {**(extra_checkpoint or {}), "resume": state})
             if dist_info.main:
                 log.info("Epoch %2d | Train: %.4f | Val: %.4f | Dice: %.4f | IoU: %.4f | lr %.1e | %.1fs%s",
@@ -472,6 +475,7 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
         raise TrainingInterrupted(f"training interrupted during epoch {epoch}; {where}. "
                                   f"Resume with the same command plus --resume") from None
     res.train_seconds = time.perf_counter() - t_start
+    res.train_cpu_seconds = time.process_time() - cpu_start
     return res
 
 
