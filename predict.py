@@ -25,7 +25,8 @@ Classes and post-processing (documented rules)
     tumour, polyp, nodule, ...) are **lesions**; organ / anatomy words (liver, kidney, hippocampus,
     anterior, ...) are **organs**; vessel words are **tubular** structures. A single class with
     neither kind of word is a lesion class; with several classes and no lesion word, the last class
-    is the lesion class if no class has an organ word either. Lesion classes: holes filled, then
+    is the lesion class if no class has an organ word either (``--roles organ,organ`` overrides this, e.g.
+    for an MSD hippocampus model whose classes are just "1" and "2"). Lesion classes: holes filled, then
     components smaller than ``--min-lesion-size`` removed. Organ classes: the largest connected
     component kept, holes filled. Tubular classes: left as predicted. Holes are filled per slice
     (in-plane) for volumes and only ever claim background pixels. Connectivity is full (8 in 2D,
@@ -73,7 +74,7 @@ import medio
 import report as report_mod
 from errors import CheckpointError, ConfigError, InputError, MedSegError
 from inference import predict_planes, probs_to_labels, tile_starts
-from preprocess import Preprocessing, normalize, scaled_size, to_planes
+from preprocess import WINDOW_PRESETS, Preprocessing, scaled_size, to_planes
 from train import load_checkpoint, resolve_precision, select_device
 
 log = logging.getLogger("predict")
@@ -475,7 +476,9 @@ def segment(bundle: ModelBundle, image: np.ndarray, meta: medio.ImageMeta, *, th
                               f"{prep.model_out_channels} for classes {prep.class_names}")
     raw = probs_to_labels(probs, threshold)
     raw = raw if is_volume else raw[0]
-    roles = roles or class_roles(prep.class_names)
+    roles = list(roles) if roles else class_roles(prep.class_names)
+    if len(roles) != prep.n_classes or any(r not in ROLES for r in roles):
+        raise ConfigError(f"roles {roles} do not fit the model's {prep.n_classes} class(es) (each one of {ROLES})")
     labels = postprocess(raw, meta, roles, min_lesion_size=min_lesion_size, fill_holes=fill_holes,
                          keep_largest_organ=keep_largest_organ)
     return Segmentation(labels=labels, raw_labels=raw, probs=probs, roles=roles, seconds=time.perf_counter() - t0)
@@ -672,14 +675,16 @@ def analyze_mask(labels: np.ndarray, probs: np.ndarray | None, meta: medio.Image
 
 # ============================================================================ overlay figure
 LESION_COLOUR = "#ff2d20"
+LESION_COLOUR_RGB = "#00e5ff"
 STRUCTURE_COLOURS = ("#22c55e", "#0ea5e9", "#eab308", "#a855f7", "#14b8a6", "#f97316")
 
 
-def _class_colours(roles: list[str]) -> list[str]:
+def _class_colours(roles: list[str], rgb: bool = False) -> list[str]:
+    """Lesions red on grey images, cyan on colour photographs (red on red mucosa would be unreadable)."""
     out, j = [], 0
     for r in roles:
         if r == "lesion":
-            out.append(LESION_COLOUR)
+            out.append(LESION_COLOUR_RGB if rgb else LESION_COLOUR)
         else:
             out.append(STRUCTURE_COLOURS[j % len(STRUCTURE_COLOURS)])
             j += 1
@@ -687,13 +692,16 @@ def _class_colours(roles: list[str]) -> list[str]:
 
 
 def display_image(image: np.ndarray, meta: medio.ImageMeta, prep: Preprocessing) -> np.ndarray:
-    """The image scaled to [0, 1] for display: the model's CT window for CT, else a 0.5-99.5 % stretch."""
+    """The image scaled to [0, 1] for display: a CT window for CT (the model's, else abdomen 40/400 HU),
+    colour photographs / 255, anything else a 0.5-99.5 % percentile stretch."""
     x = np.asarray(image, np.float32)
     rgb = x.ndim == len(meta.shape) + 1
     if rgb and x.max() <= 255 and x.min() >= 0:
         return np.clip(x / 255.0, 0, 1)
-    if prep.normalization == "window" and not rgb and meta.format not in RASTER_FORMATS:
-        return normalize(x, prep)
+    ct = prep.normalization == "window" or str(meta.extra.get("modality") or "").upper() == "CT"
+    if ct and not rgb and meta.format not in RASTER_FORMATS:  # HU: the model's window, else soft tissue 40/400
+        level, width = prep.window if prep.normalization == "window" and prep.window else WINDOW_PRESETS["abdomen"]
+        return np.clip((x - (level - width / 2)) / width, 0, 1)
     sample = x.ravel()[:: max(1, x.size // 2_000_000)]
     lo, hi = np.percentile(sample, [0.5, 99.5])
     if hi <= lo:
@@ -748,9 +756,11 @@ def _draw_panel(ax, img: np.ndarray, lab: np.ndarray | None, ids: np.ndarray | N
     if ids is not None:
         present = [i for i in np.unique(ids) if i > 0][:20]
         h, w = ids.shape
+        off = 0.015 * max(h, w) + 1.5
         for i in present:
             ys, xs = np.nonzero(ids == i)
-            x, y = min(float(xs.max()) + 0.02 * w + 2, w - 1), max(float(ys.min()) - 0.02 * h - 2, 0)
+            j = int(np.argmax(xs - ys))  # the lesion's top-right-most pixel
+            x, y = min(float(xs[j]) + off, w - 1), max(float(ys[j]) - off, 0)
             ax.text(x, y, str(i), color="white", fontsize=7 if small else 9, ha="center",
                     va="center", bbox={"boxstyle": "circle,pad=0.25", "fc": "#d92d20", "ec": "white", "lw": 0.8})
     ax.set_xticks([])
@@ -769,8 +779,8 @@ def render_overlay(image: np.ndarray, meta: medio.ImageMeta, labels: np.ndarray,
 
     visualize.setup_chinese_font()
     zh = lang == "zh"
-    colours = _class_colours(roles)
     disp = display_image(image, meta, prep)
+    colours = _class_colours(roles, rgb=disp.ndim == len(meta.shape) + 1)
     is_volume = len(meta.shape) == 3
     spacing = meta.spacing if meta.spacing_known else (1.0,) * len(meta.shape)
     if not is_volume:
@@ -987,9 +997,18 @@ def latency(bundle: ModelBundle, size: int, repeats: int = 5, warmup: int = 1, o
 
 
 # ============================================================================ command line
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """States defaults, except for on/off flags and options without one (where '(default: True)' misleads)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="predict.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="predict.py", formatter_class=_HelpFormatter,
         description="Segment scans with a trained U-Net and write a mask, an overlay and a report per input "
                     "(research software, not a medical device).",
         epilog="Exit codes: 0 all inputs succeeded, 1 some failed, 2 usage error.")
@@ -1001,9 +1020,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(multi-class models use argmax)")
     p.add_argument("--min-lesion-size", type=float, default=0.0, metavar="SIZE",
                    help="remove lesions smaller than this: mm² (2D) / mm³ (3D) when the spacing is known, else px / voxels")
-    p.add_argument("--no-fill-holes", dest="fill_holes", action="store_false", help="do not fill holes in lesions/organs")
+    p.add_argument("--no-fill-holes", dest="fill_holes", action="store_false", help="do not fill holes in lesions/organs (filled by default)")
     p.add_argument("--no-keep-largest-organ", dest="keep_largest_organ", action="store_false",
-                   help="keep every organ component instead of the largest")
+                   help="keep every organ component (default: only the largest)")
     p.add_argument("--no-postprocess", action="store_true", help="raw thresholded masks: no hole filling, no size "
                    "filter, no largest-organ step (reproduces training-time evaluation exactly)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto = cuda > mps > cpu")
@@ -1012,6 +1031,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lang", default="zh", choices=("zh", "en"), help="language of the report and figure labels")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap for images larger than the patch")
     p.add_argument("--batch-size", type=int, default=16, help="sliding-window tiles per forward pass")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads for PyTorch (0 = PyTorch's default, one per "
+                   "core; 1 is much faster on a machine busy with other jobs)")
+    p.add_argument("--roles", default=None, metavar="R1,R2,...", help="override the role of each class: lesion, "
+                   "organ or tubular, comma-separated in class order (default: from the class names, see the docs)")
     p.add_argument("--save-probability", action="store_true", help="also write the probability map(s)")
     p.add_argument("--allow-input-dir", action="store_true", help="allow --output-dir inside an input's folder")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the progress bar")
@@ -1041,7 +1064,7 @@ def run_benchmark(bundle: ModelBundle, sizes: list[int], repeats: int, overlap: 
           f"patch {bundle.prep.patch_size}, overlap {overlap}")
     rows = []
     for s in sizes:
-        r = latency(bundle, s, repeats=repeats, overlap=overlap, batch_size=batch_size)
+        r = latency(bundle, s, repeats=repeats, warmup=2, overlap=overlap, batch_size=batch_size)
         rows.append(r)
         print(f"  {s}x{s}: {r['ms_median']:.1f} ms (median of {r['repeats']}, min {r['ms_min']:.1f} ms; "
               f"{r['tiles']} tiles of {r['patch']}x{r['patch']})", flush=True)
@@ -1071,8 +1094,15 @@ def main(argv: list[str] | None = None) -> int:
         return usage(f"--min-lesion-size must be >= 0 (got {args.min_lesion_size})")
     if not 0.0 <= args.overlap < 1.0:
         return usage(f"--overlap must be in [0, 1) (got {args.overlap})")
-    if args.batch_size < 1 or args.repeats < 1 or min(args.benchmark_sizes) < 1:
-        return usage("--batch-size, --repeats and --benchmark-sizes must be >= 1")
+    if args.batch_size < 1 or args.repeats < 1 or min(args.benchmark_sizes) < 1 or args.threads < 0:
+        return usage("--batch-size, --repeats and --benchmark-sizes must be >= 1, --threads >= 0")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    roles = None
+    if args.roles:
+        roles = [r.strip().lower() for r in args.roles.split(",")]
+        if any(r not in ROLES for r in roles):
+            return usage(f"--roles {args.roles!r}: each role must be one of {', '.join(ROLES)}")
     if args.no_postprocess:
         args.fill_holes = args.keep_largest_organ = False
         args.min_lesion_size = 0.0
@@ -1081,6 +1111,9 @@ def main(argv: list[str] | None = None) -> int:
     except MedSegError as exc:
         print(f"predict.py: error: {_oneline(exc)}", file=sys.stderr)
         return 2
+    if roles is not None and len(roles) != bundle.prep.n_classes:
+        return usage(f"--roles gives {len(roles)} role(s) but the model has {bundle.prep.n_classes} class(es): "
+                     f"{', '.join(bundle.prep.class_names)}")
     if args.benchmark:
         run_benchmark(bundle, args.benchmark_sizes, args.repeats, args.overlap, args.batch_size)
         return 0
@@ -1108,7 +1141,7 @@ def main(argv: list[str] | None = None) -> int:
                                    fill_holes=args.fill_holes, keep_largest_organ=args.keep_largest_organ,
                                    lang=args.lang, save_probability=args.save_probability,
                                    allow_input_dir=args.allow_input_dir, case_name=name, overlap=args.overlap,
-                                   batch_size=args.batch_size)
+                                   batch_size=args.batch_size, roles=roles)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad input never stops the batch

@@ -81,8 +81,9 @@ _T = {
     "warnings": ("注意", "Warnings"),
     "slice": ("层面", "slice"),
     "axial": ("层内", "in-plane"),
-    "legend_caption": ("红色轮廓：疑似病灶；其他颜色：器官 / 结构。编号与病灶列表一致。",
-                       "Red outlines: suspected lesions; other colours: organs / structures. Numbers match the lesion table."),
+    "legend_caption": ("轮廓与半透明填充为分割结果（颜色见图例），编号与病灶列表一致。",
+                       ("Outlines and translucent fill show the segmentation (colours in the legend); "
+                        "numbers match the lesion table.")),
     "footer": ("结果需由具备资质的医生结合临床资料复核。", "Results must be reviewed by a qualified physician with the clinical context."),
 }
 
@@ -95,9 +96,12 @@ def t(key: str, lang: str) -> str:
 
 def class_label(name: str, lang: str) -> str:
     """Human name of a class: Chinese translation of common names for ``zh``, else the name itself."""
+    name = str(name).strip()
+    if name.isdigit():
+        return f"类别 {name}" if lang == "zh" else f"class {name}"
     if lang == "zh":
-        return CLASS_NAMES_ZH.get(str(name).strip().lower(), str(name))
-    return str(name)
+        return CLASS_NAMES_ZH.get(name.lower(), name)
+    return name
 
 
 # --------------------------------------------------------------------------------------- numbers
@@ -150,10 +154,11 @@ def findings_sentence(report: dict, lang: str = "zh") -> str:
             continue
         name = class_label(st["class"], lang)
         size = _size_text(st, is_volume, lang)
+        sp = " " if zh and name[-1:].isascii() else ""  # 「类别 1 体积」, 「肝脏体积」
         if st.get("voxels", st.get("pixels", 0)) == 0:
-            parts.append(f"未检出{name}" if zh else f"no {name} segmented")
+            parts.append(f"未检出{sp if name[:1].isascii() else ''}{name}" if zh else f"no {name} segmented")
         else:
-            parts.append(f"{name}{'体积' if is_volume else '面积'} {size}" if zh else
+            parts.append(f"{name}{sp}{'体积' if is_volume else '面积'} {size}" if zh else
                          f"{name} {'volume' if is_volume else 'area'} {size}")
     burden = s.get("lesion_burden_percent")
     if burden is not None:
@@ -276,7 +281,7 @@ def _model_rows(report: dict, lang: str) -> list[tuple[str, Any]]:
             (t("runtime", lang), runtime)]
 
 
-def _lesion_table(report: dict, lang: str, max_rows: int = 50) -> str:
+def _lesion_table(report: dict, lang: str, max_rows: int = 25) -> str:
     lesions = report.get("lesions", [])
     is_volume = bool(report["summary"].get("is_volume"))
     if not report["summary"].get("has_lesion_class", True):

@@ -436,8 +436,16 @@ def test_usage_errors_exit_2(tiny_ckpt, tmp_path, capsys):
     assert predict.main(ck + ["--input", str(img), "--output-dir", "o", "--threshold", "1.5"]) == 2
     assert predict.main(ck + ["--input", str(img), "--output-dir", "o", "--bogus"]) == 2
     assert predict.main(ck + ["--input", str(img), "--output-dir", "o", "--lang", "fr"]) == 2
+    assert predict.main(ck + ["--input", str(img), "--output-dir", "o", "--roles", "tumour"]) == 2   # unknown role
+    assert predict.main(ck + ["--input", str(img), "--output-dir", "o", "--roles", "organ,lesion"]) == 2  # 1 class
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "no inputs" in err and "--threshold" in err
+    assert "Traceback" not in err and "no inputs" in err and "--threshold" in err and "--roles" in err
+    (tmp_path / "in").mkdir()
+    organ = save_png(tmp_path / "in" / "b.png", np.full((20, 20), 200))
+    assert predict.main(ck + ["--input", str(organ), "--output-dir", str(tmp_path / "o"), "--roles", "organ",
+                              "--no-progress"]) == 0
+    rep = json.loads((tmp_path / "o" / "b" / "report.json").read_text(encoding="utf-8"))
+    assert rep["classes"][0]["role"] == "organ" and rep["summary"]["has_lesion_class"] is False
     assert predict.main(["--help"]) == 0
     assert "default: 0.5" in capsys.readouterr().out
 
