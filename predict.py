@@ -1059,7 +1059,7 @@ def _failure(path: Path | str, exc: BaseException) -> str:
 
 
 def run_benchmark(bundle: ModelBundle, sizes: list[int], repeats: int, overlap: float, batch_size: int) -> list[dict]:
-    print(f"Latency per slice on {bundle.device} ({bundle.precision}, {torch.get_num_threads()} threads), "
+    print(f"Latency per slice on {bundle.device} ({bundle.precision}, {torch.get_num_threads()} thread(s)), "
           f"{Path(bundle.checkpoint or 'model').name}: {describe_model(bundle)['architecture']}; "
           f"patch {bundle.prep.patch_size}, overlap {overlap}")
     rows = []
