@@ -10,13 +10,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
-import pydicom
 import pytest
 import torch
-import torch.nn as nn
 from PIL import Image
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from torch import nn
 
 import data_gen
 import medio
@@ -545,7 +544,7 @@ def test_prediction_reproduces_training_dice(tmp_path):
 @needs_data
 @pytest.mark.realdata
 def test_real_kvasir_jpeg_and_hippocampus_nifti(tmp_path):
-    jpg = sorted((DATA / "kvasir_seg" / "Kvasir-SEG" / "images").glob("*.jpg"))[0]
+    jpg = min((DATA / "kvasir_seg" / "Kvasir-SEG" / "images").glob("*.jpg"))
     nii = DATA / "msd_hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
     h_jpg, h_nii = sha(jpg), sha(nii)
     r1 = predict.predict_case(bundle(normalization="unit", patch_size=64), jpg, tmp_path, embed_font=False)
