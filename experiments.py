@@ -30,7 +30,7 @@ from metrics import best_threshold_dice, case_scores, per_case_scores, summarize
 from model import UNet, count_parameters
 from preprocess import WINDOW_PRESETS, Preprocessing, parse_labels, parse_window
 from train import (ArrayDataset, DistInfo, FitResult, TrainConfig, evaluate, fit, load_checkpoint, resolve_precision,
-                   select_device, set_seed, split_indices)
+                   select_device, set_seed, split_indices, update_checkpoint)
 
 log = logging.getLogger("run")
 
@@ -90,6 +90,8 @@ def run_synthetic(cfg: TrainConfig) -> dict:
                     "sensitivity/precision skip images where they are undefined",
         "config": asdict(cfg),
     }
+    update_checkpoint(cfg.checkpoint, test_metrics={k: summary[k] for k in ("dice", "iou", "sensitivity", "precision")}
+                      | {"test_images": len(test)})
     _write_json(out_dir / "history.json", result.history)
     _write_json(out_dir / "summary.json", summary)
     log.info("测试集 (%d 张): Dice %.4f | IoU %.4f | 敏感度 %.4f | 精确率 %.4f | 最佳全局阈值 Dice %.4f",
@@ -241,6 +243,8 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
         "counting": "per-case (per patient volume / per image) at the original resolution; see README",
         "config": asdict(cfg),
     }
+    update_checkpoint(cfg.checkpoint, test_metrics={k: stats[k] for k in ("dice", "iou", "sensitivity", "precision")}
+                      | {"per_class_dice": {n: pc["dice"] for n, pc in stats["per_class"].items()}, "test_cases": len(sets["test"])})
     _write_json(out_dir / "metrics_summary.json", stats)
     _write_json(out_dir / "history.json", result.history)
     _write_json(out_dir / "summary.json", summary)

@@ -74,6 +74,7 @@ import medio
 import report as report_mod
 from errors import CheckpointError, ConfigError, InputError, MedSegError
 from inference import predict_planes, probs_to_labels, tile_starts
+from model import fold_batchnorm
 from preprocess import WINDOW_PRESETS, Preprocessing, scaled_size, to_planes
 from train import load_checkpoint, resolve_precision, select_device
 
@@ -143,6 +144,7 @@ def load_model(checkpoint: str | os.PathLike, device: str | torch.device = "auto
     if int(args.get("n_classes", prep.model_out_channels)) != prep.model_out_channels:
         raise CheckpointError(f"{checkpoint}: the network has {args.get('n_classes')} outputs but its preprocessing "
                               f"record names {prep.n_classes} class(es) ({', '.join(prep.class_names)})")
+    model = fold_batchnorm(model)  # inference only: Conv+BN as one conv, ~10 % faster, same outputs
     if channels_last:
         model.to(memory_format=torch.channels_last)
     info = {k: v for k, v in ckpt.items() if k != "state_dict"}

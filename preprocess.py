@@ -81,7 +81,8 @@ def parse_labels(text: str | None, names: dict[str, int] | None = None) -> tuple
     """``--labels`` -> (class_values, class_names).
 
     ``None`` -> binary, any non-zero value. ``'1,2'`` -> two classes. ``'1+2'`` -> one class merging
-    values 1 and 2. Names from ``dataset.json`` work too: ``'anterior,posterior'``.
+    values 1 and 2. Names from ``dataset.json`` work too: ``'anterior,posterior'``, and a group can
+    be named explicitly: ``'anterior=1,posterior=2'`` or ``'hippocampus=1+2'``.
     """
     if not text:
         return None, ["foreground"]
@@ -89,6 +90,7 @@ def parse_labels(text: str | None, names: dict[str, int] | None = None) -> tuple
     inverse = {v: k for k, v in names.items()}
     values, labels = [], []
     for group in text.split(","):
+        given_name, _, group = group.rpartition("=")
         parts = [p.strip() for p in group.split("+") if p.strip()]
         vals = []
         for p in parts:
@@ -102,7 +104,7 @@ def parse_labels(text: str | None, names: dict[str, int] | None = None) -> tuple
         if not vals or any(v <= 0 or v > 255 for v in vals):
             raise ConfigError(f"--labels {text!r}: label values must be in 1..255")
         values.append(vals)
-        labels.append("+".join(inverse.get(v, str(v)) for v in vals))
+        labels.append(given_name.strip() or "+".join(inverse.get(v, str(v)) for v in vals))
     return values, labels
 
 

@@ -280,10 +280,16 @@ def save_checkpoint(path: str | os.PathLike, model: UNet, config: TrainConfig, e
     }
     if extra:
         ckpt.update(_plain(extra))
+    _atomic_torch_save(ckpt, path)
+    return path
+
+
+def _atomic_torch_save(obj: dict, path: Path) -> None:
+    """torch.save to a temp file in the same folder, fsync, then rename over ``path`` (never a half-written file)."""
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(ckpt, f)
+            torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -291,7 +297,14 @@ def save_checkpoint(path: str | os.PathLike, model: UNet, config: TrainConfig, e
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    return path
+
+
+def update_checkpoint(path: str | os.PathLike, **fields) -> None:
+    """Add plain fields (e.g. the test metrics measured after training) to a checkpoint, atomically."""
+    path = Path(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    ckpt.update(_plain(fields))
+    _atomic_torch_save(ckpt, path)
 
 
 def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[UNet, dict]:

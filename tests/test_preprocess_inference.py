@@ -36,6 +36,8 @@ def test_labels_parsing_and_mapping():
     assert parse_labels("1,2") == ([[1], [2]], ["1", "2"])
     assert parse_labels("1+2") == ([[1, 2]], ["1+2"])
     assert parse_labels("anterior,posterior", {"anterior": 1, "posterior": 2}) == ([[1], [2]], ["anterior", "posterior"])
+    assert parse_labels("anterior=1,posterior=2") == ([[1], [2]], ["anterior", "posterior"])
+    assert parse_labels("hippocampus=1+2") == ([[1, 2]], ["hippocampus"])
     with pytest.raises(ConfigError, match="unknown label"):
         parse_labels("liver")
     m = np.array([0, 1, 2, 3])
