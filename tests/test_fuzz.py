@@ -3,7 +3,7 @@
 Kinds of bad input covered here (listed in the README's reliability section):
 random bytes under every supported suffix, truncated valid NIfTI / PNG / JPEG / DICOM / zip files,
 valid files renamed to the wrong suffix, empty files, random arrays to every metric, random bytes
-and truncated checkpoints to the checkpoint loader.
+and truncated checkpoints to the checkpoint loader, random bytes under every suffix to predict.py.
 """
 import hashlib
 import io
@@ -126,3 +126,31 @@ def test_empty_files(tmp_path):
     (tmp_path / "e.pth").write_bytes(b"")
     with pytest.raises(MedSegError):
         load_checkpoint(tmp_path / "e.pth")
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
+    save_checkpoint(path, UNet(base_channels=2), TrainConfig(image_size=32), 1, {},
+                    {"preprocessing": {"normalization": "unit", "patch_size": 32, "class_names": ["lesion"]}})
+    return path
+
+
+@FUZZ
+@given(data=st.binary(max_size=400), suffix=st.sampled_from(SUFFIXES))
+def test_predict_entry_point_on_random_inputs(tmp_path, tiny_checkpoint, data, suffix, capsys):
+    import predict
+
+    src = tmp_path / "in"
+    src.mkdir(exist_ok=True)
+    path = src / f"scan{suffix}"
+    path.write_bytes(data)
+    before = hashlib.sha256(data).hexdigest()
+    code = predict.main(["--checkpoint", str(tiny_checkpoint), "--input", str(path), "--output-dir", str(tmp_path / "out"),
+                         "--no-progress", "--device", "cpu"])
+    out = capsys.readouterr()
+    assert code in (0, 1)
+    assert "Traceback" not in out.out + out.err
+    if code == 1:
+        assert path.name in out.out + out.err
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
