@@ -317,17 +317,6 @@ def class_colours(roles: list[str], rgb_image: bool) -> list[str]:
     return out
 
 
-def _orient(arr: np.ndarray, tf: tuple[bool, bool, bool]) -> np.ndarray:
-    transpose, flip_rows, flip_cols = tf
-    if transpose:
-        arr = np.swapaxes(arr, 0, 1)
-    if flip_rows:
-        arr = arr[::-1]
-    if flip_cols:
-        arr = arr[:, ::-1]
-    return np.ascontiguousarray(arr)
-
-
 def _display_size(shape_hw: tuple[int, int], row_mm: float, col_mm: float) -> tuple[int, int]:
     """(width, height) in screen pixels for a plane, square pixels in mm, long side DISPLAY_PX."""
     h, w = shape_hw
@@ -422,7 +411,7 @@ def render_panels(case: Case, bundle, z: int | None = None) -> Panels:
         tf = (False, False, False)
         row_mm, col_mm = spacing[0], spacing[1]
         disp, lab, ids, fg = case.disp, case.labels, case.id_map, case.fg
-    disp, lab, ids, fg = (_orient(a, tf) for a in (disp, lab, ids, fg))
+    disp, lab, ids, fg = (predict.orient_slice(a, tf) for a in (disp, lab, ids, fg))
     size = _display_size(lab.shape, float(row_mm), float(col_mm))
     scale = (size[0] / lab.shape[1], size[1] / lab.shape[0])
 

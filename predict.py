@@ -730,7 +730,8 @@ def display_transform(meta: medio.ImageMeta) -> tuple[bool, bool, bool]:
     return h == 1, bool(flip_v), bool(flip_h)
 
 
-def _orient(arr: np.ndarray, tf: tuple[bool, bool, bool]) -> np.ndarray:
+def orient_slice(arr: np.ndarray, tf: tuple[bool, bool, bool]) -> np.ndarray:
+    """Apply a :func:`display_transform` (transpose, flip rows, flip columns) to a 2D slice for display."""
     transpose, flip_rows, flip_cols = tf
     if transpose:
         arr = np.swapaxes(arr, 0, 1)
@@ -738,7 +739,7 @@ def _orient(arr: np.ndarray, tf: tuple[bool, bool, bool]) -> np.ndarray:
         arr = arr[::-1]
     if flip_cols:
         arr = arr[:, ::-1]
-    return arr
+    return np.ascontiguousarray(arr)
 
 
 def _draw_panel(ax, img: np.ndarray, lab: np.ndarray | None, ids: np.ndarray | None, colours: list[str],
@@ -819,7 +820,7 @@ def render_overlay(image: np.ndarray, meta: medio.ImageMeta, labels: np.ndarray,
         montage = [int(z) for z in cands] if len(cands) > 1 else []
         row_sp, col_sp = (spacing[2], spacing[1]) if tf[0] else (spacing[1], spacing[2])
         aspect = float(row_sp / col_sp)
-        first = _orient(disp[key], tf)
+        first = orient_slice(disp[key], tf)
         hh, ww = first.shape[:2]
         ratio = float(np.clip(hh * aspect / ww, 0.3, 3.0))
         ncol = 4
@@ -832,11 +833,11 @@ def render_overlay(image: np.ndarray, meta: medio.ImageMeta, labels: np.ndarray,
         ax0, ax1 = fig.add_subplot(gs[0, 0:2]), fig.add_subplot(gs[0, 2:4])
         _draw_panel(ax0, first, None, None, colours, aspect)
         ax0.set_title(("原始影像 · " if zh else "Image · ") + f"z = {key}", fontsize=11)
-        _draw_panel(ax1, first, _orient(labels[key], tf), _orient(id_map[key], tf), colours, aspect)
+        _draw_panel(ax1, first, orient_slice(labels[key], tf), orient_slice(id_map[key], tf), colours, aspect)
         ax1.set_title(title, fontsize=11)
         for j, z in enumerate(montage):
             ax = fig.add_subplot(gs[1 + j // ncol, j % ncol])
-            _draw_panel(ax, _orient(disp[z], tf), _orient(labels[z], tf), _orient(id_map[z], tf), colours, aspect, small=True)
+            _draw_panel(ax, orient_slice(disp[z], tf), orient_slice(labels[z], tf), orient_slice(id_map[z], tf), colours, aspect, small=True)
             ax.set_title(f"z = {z}" + (f" / {z_n}" if j == 0 else ""), fontsize=9)
     present = [k for k in range(1, len(roles) + 1) if (labels == k).any()]
     handles = [Patch(facecolor=colours[k - 1], edgecolor=colours[k - 1], alpha=0.7,
