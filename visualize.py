@@ -106,10 +106,10 @@ def plot_synthetic_samples(images: np.ndarray, labels: np.ndarray, out_dir: str 
 
 
 def overlay_rgb(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -> np.ndarray:
-    """Grayscale image with prediction in red and (if given) ground truth in green; overlap is yellow."""
+    """Image (grey (H, W) or RGB (H, W, 3)) with prediction in red and ground truth in green; overlap is yellow."""
     img = image.astype(np.float32)
     img = (img - img.min()) / (np.ptp(img) + 1e-8)
-    rgb = np.repeat(img[..., None], 3, axis=-1) * 0.7
+    rgb = (img if img.ndim == 3 else np.repeat(img[..., None], 3, axis=-1)) * 0.7
     p = pred > 0
     rgb[p, 0] = rgb[p, 0] * 0.4 + 0.6
     if truth is not None:

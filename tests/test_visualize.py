@@ -57,3 +57,11 @@ def test_overlay_colours():
     assert rgb[2, 2, 0] > 0.5 and rgb[2, 2, 1] < 0.1      # prediction only: red
     assert rgb[1, 1, 0] > 0.5 and rgb[1, 1, 1] > 0.5      # both: yellow
     assert rgb[3, 3].max() == pytest.approx(0.0)
+
+
+def test_overlay_and_predictions_accept_rgb_images(tmp_path):
+    img = np.random.default_rng(0).random((12, 10, 3))
+    mask = np.zeros((12, 10), np.uint8)
+    mask[2:5, 3:6] = 1
+    assert visualize.overlay_rgb(img, mask, mask).shape == (12, 10, 3)
+    assert visualize.plot_predictions([img], [mask], [mask], tmp_path, scores=[1.0]).is_file()
