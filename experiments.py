@@ -264,17 +264,16 @@ def evaluate_cases(model: UNet, cases: list, prep: Preprocessing, device: torch.
         probs = predict_planes(model, c.planes, prep, device, precision, cfg.overlap, channels_last=cfg.channels_last)
         pred = probs_to_labels(probs, cfg.threshold)
         spacing = c.meta.spacing if c.is_volume else c.meta.spacing[-2:]
-        roi = c.roi if c.roi is not None else None
         for k, name in enumerate(prep.class_names, start=1):
             p, t = pred == k, c.labels == k
-            r = roi if roi is not None else None
+            if c.roi is not None:  # only pixels inside the field of view count
+                p, t = p & c.roi, t & c.roi
             if not c.is_volume:
-                p, t, r = p[0], t[0], (r[0] if r is not None else None)
+                p, t = p[0], t[0]
             if hd:
-                s = case_scores(p, t, spacing, r)
-            else:
-                s = {key: float(v[0]) for key, v in per_case_scores((p & r if r is not None else p)[None],
-                                                                     (t & r if r is not None else t)[None]).items()}
+                s = case_scores(p, t, spacing)
+            else:  # validation: overlap scores only, no surface distances
+                s = {key: float(v[0]) for key, v in per_case_scores(p[None], t[None]).items()}
             row = {"case": c.ref.case_id, "class": name, **s}
             if keep_pred:
                 row["_case"], row["_pred"], row["_k"] = c, pred, k

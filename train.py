@@ -173,11 +173,12 @@ def _keep_batch(batch):
     return batch  # __getitems__ already returns the stacked batch
 
 
-def make_loader(data: ArrayDataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0) -> DataLoader:
-    """A seeded DataLoader over an :class:`ArrayDataset` (same seed -> same batch order)."""
+def make_loader(data: Dataset, batch_size: int, shuffle: bool, seed: int, num_workers: int = 0,
+                sampler=None) -> DataLoader:
+    """A seeded DataLoader over a batch-fetching dataset (same seed -> same batch order; ``loader.generator``)."""
     gen = torch.Generator().manual_seed(seed)
-    return DataLoader(data, batch_size=batch_size, shuffle=shuffle, generator=gen, num_workers=num_workers,
-                      collate_fn=_keep_batch, persistent_workers=num_workers > 0)
+    return DataLoader(data, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler, generator=gen,
+                      num_workers=num_workers, collate_fn=_keep_batch, persistent_workers=num_workers > 0)
 
 
 def split_indices(n: int, val_fraction: float, test_fraction: float, seed: int) -> dict[str, np.ndarray]:
@@ -424,9 +425,8 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
                                                            patience=cfg.lr_patience)
-    gen = torch.Generator()
-    loader = DataLoader(train_data, batch_size=cfg.batch_size, shuffle=sampler is None, sampler=sampler, generator=gen,
-                        num_workers=cfg.num_workers, collate_fn=_keep_batch, persistent_workers=cfg.num_workers > 0)
+    loader = make_loader(train_data, cfg.batch_size, True, cfg.seed, cfg.num_workers, sampler)
+    gen = loader.generator
     res = FitResult(history={k: [] for k in ("epoch", "train_loss", "val_loss", "val_dice", "val_iou",
                                              "val_sensitivity", "val_precision", "lr", "seconds")})
     best_key = (-math.inf, -math.inf)
