@@ -53,7 +53,7 @@ import torch.nn.functional as F
 import train
 from metrics import logits_to_labels, per_case_scores, summarize
 from model import UNet, conv_flops, fold_batchnorm
-from train import ArrayDataset, TrainConfig, bf16_supported, make_loader, train_one_epoch
+from train import ArrayDataset, TrainConfig, bf16_supported, make_loader, make_optimizer, train_one_epoch
 
 log = logging.getLogger("bench")
 
@@ -572,7 +572,7 @@ def time_training_epoch(cfg: TrainConfig, n_images: int, precision: str, warmup_
     model = UNet(n_channels=1, n_classes=1, base_channels=cfg.base_channels, bilinear=cfg.bilinear)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = make_optimizer(model, cfg.lr)
     warm = make_loader(_random_split(cfg.batch_size * warmup_batches, cfg.image_size, seed=1), cfg.batch_size, True, cfg.seed)
     train_one_epoch(model, warm, opt, device, precision, channels_last, progress=False)
     data = make_loader(_random_split(n_images, cfg.image_size), cfg.batch_size, True, cfg.seed)

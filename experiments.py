@@ -25,7 +25,7 @@ import medio
 import visualize
 from augment import Augmenter
 from errors import CheckpointError, ConfigError, InputError
-from inference import predict_planes, probs_to_labels
+from inference import keep_largest, largest_component, predict_planes, probs_to_labels
 from metrics import best_threshold_dice, case_scores, per_case_scores, summarize
 from model import UNet, count_parameters
 from preprocess import WINDOW_PRESETS, Preprocessing, parse_labels, parse_window
@@ -229,7 +229,11 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
     visualize.plot_training_history(result.history, out_dir)
 
     best, _ = load_checkpoint(cfg.checkpoint, device)
-    rows = evaluate_cases(best, sets["test"], prep, device, precision, cfg, hd=True, keep_pred=True)
+    post = choose_postprocessing(evaluate_cases(best, sets["val"], prep, device, precision, cfg, hd=False,
+                                                compare_largest=True), prep)
+    largest = [k for k, n in enumerate(prep.class_names, 1) if n in post["largest_component"]]
+    log.info("后处理 (在验证集上选择): 只保留最大连通域的类别 %s", post["largest_component"] or "无")
+    rows = evaluate_cases(best, sets["test"], prep, device, precision, cfg, hd=True, keep_pred=True, largest=largest)
     write_case_csv(out_dir / "metrics_per_case.csv", rows)
     stats = summarize_rows(rows, prep)
     plot_case_overlays(rows, out_dir)
@@ -239,11 +243,13 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
         "best_epoch": result.best_epoch, "best_val_dice": result.best_val.get("dice"), "epochs": cfg.epochs,
         "train_seconds": round(result.train_seconds, 2), "train_cpu_seconds": round(result.train_cpu_seconds, 1), "total_seconds": round(time.perf_counter() - t_run, 2),
         "device": str(device), "dtype": precision, "data": str(cfg.data), "layout": spec.layout,
-        "preprocessing": prep.to_dict(), "checkpoint": str(cfg.checkpoint),
-        "counting": "per-case (per patient volume / per image) at the original resolution; see README",
+        "preprocessing": prep.to_dict(), "postprocessing": post, "checkpoint": str(cfg.checkpoint),
+        "counting": "per-case (per patient volume / per image) at the original resolution, after the "
+                    "post-processing chosen on validation; see README",
         "config": asdict(cfg),
     }
-    update_checkpoint(cfg.checkpoint, test_metrics={k: stats[k] for k in ("dice", "iou", "sensitivity", "precision")}
+    update_checkpoint(cfg.checkpoint, postprocessing=post,
+                      test_metrics={k: stats[k] for k in ("dice", "iou", "sensitivity", "precision")}
                       | {"per_class_dice": {n: pc["dice"] for n, pc in stats["per_class"].items()}, "test_cases": len(sets["test"])})
     _write_json(out_dir / "metrics_summary.json", stats)
     _write_json(out_dir / "history.json", result.history)
@@ -257,12 +263,18 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
 
 
 def evaluate_cases(model: UNet, cases: list, prep: Preprocessing, device: torch.device, precision: str,
-                   cfg: TrainConfig, hd: bool = True, keep_pred: bool = False) -> list[dict]:
-    """Whole-case prediction (sliding window, original resolution) and per-class scores, one row per case and class."""
+                   cfg: TrainConfig, hd: bool = True, keep_pred: bool = False, largest=(),
+                   compare_largest: bool = False) -> list[dict]:
+    """Whole-case prediction (sliding window, original resolution) and per-class scores, one row per case and class.
+
+    largest: classes (1-based) reduced to their largest connected component before scoring (the
+    post-processing :func:`choose_postprocessing` picked); ``compare_largest`` adds a ``dice_largest``
+    column: the Dice each class would get with that step.
+    """
     rows = []
     for c in cases:
         probs = predict_planes(model, c.planes, prep, device, precision, cfg.overlap, channels_last=cfg.channels_last)
-        pred = probs_to_labels(probs, cfg.threshold)
+        pred = keep_largest(probs_to_labels(probs, cfg.threshold), largest)
         spacing = c.meta.spacing if c.is_volume else c.meta.spacing[-2:]
         for k, name in enumerate(prep.class_names, start=1):
             p, t = pred == k, c.labels == k
@@ -274,11 +286,27 @@ def evaluate_cases(model: UNet, cases: list, prep: Preprocessing, device: torch.
                 s = case_scores(p, t, spacing)
             else:  # validation: overlap scores only, no surface distances
                 s = {key: float(v[0]) for key, v in per_case_scores(p[None], t[None]).items()}
+            if compare_largest:
+                s["dice_largest"] = float(per_case_scores(largest_component(p)[None], t[None])["dice"][0])
             row = {"case": c.ref.case_id, "class": name, **s}
             if keep_pred:
                 row["_case"], row["_pred"], row["_k"] = c, pred, k
             rows.append(row)
     return rows
+
+
+def choose_postprocessing(rows: list[dict], prep: Preprocessing, min_gain: float = 0.0) -> dict:
+    """nnU-Net's habit: keep only the largest connected component of a class when that raises its mean
+    validation Dice (rows from :func:`evaluate_cases` with ``compare_largest``). Decided on validation
+    cases only, never on the test cases it is then applied to."""
+    chosen, scores = [], {}
+    for name in prep.class_names:
+        rs = [r for r in rows if r["class"] == name]
+        raw, big = float(np.mean([r["dice"] for r in rs])), float(np.mean([r["dice_largest"] for r in rs]))
+        scores[name] = {"val_dice": raw, "val_dice_largest": big}
+        if big > raw + min_gain:
+            chosen.append(name)
+    return {"largest_component": chosen, "validation": scores}
 
 
 def summarize_rows(rows: list[dict], prep: Preprocessing) -> dict:

@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 from model import UNet
 from preprocess import Preprocessing, pad_to, pad_value, resize_planes, scaled_size
@@ -43,6 +44,26 @@ def probs_to_labels(probs: np.ndarray | torch.Tensor, threshold: float = 0.5) ->
     p = torch.as_tensor(probs)
     out = (p[:, 0] > threshold) if p.size(1) == 1 else p.argmax(dim=1)
     return out.to(torch.uint8).numpy()
+
+
+def largest_component(mask: np.ndarray) -> np.ndarray:
+    """The largest connected component of a boolean mask (full connectivity: 8 in 2D, 26 in 3D); empty stays empty."""
+    comp, n = ndimage.label(mask, np.ones((3,) * mask.ndim, bool))
+    if n <= 1:
+        return mask.astype(bool, copy=True)
+    sizes = np.bincount(comp.ravel())
+    sizes[0] = 0
+    return comp == int(np.argmax(sizes))
+
+
+def keep_largest(labels: np.ndarray, classes) -> np.ndarray:
+    """Class map with only the largest component of each class in ``classes`` (1-based); the rest becomes background."""
+    out = np.array(labels, copy=True)
+    for k in classes:
+        m = out == k
+        if m.any():
+            out[m & ~largest_component(m)] = 0
+    return out
 
 
 @torch.inference_mode()

@@ -64,7 +64,7 @@ import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 import numpy as np
 import torch
@@ -73,7 +73,7 @@ from scipy import ndimage
 import medio
 import report as report_mod
 from errors import CheckpointError, ConfigError, InputError, MedSegError
-from inference import predict_planes, probs_to_labels, tile_starts
+from inference import largest_component, predict_planes, probs_to_labels, tile_starts
 from model import fold_batchnorm
 from preprocess import WINDOW_PRESETS, Preprocessing, scaled_size, to_planes
 from train import load_checkpoint, resolve_precision, select_device
@@ -421,25 +421,24 @@ def size_unit(meta: medio.ImageMeta) -> tuple[str, float]:
 
 
 def postprocess(labels: np.ndarray, meta: medio.ImageMeta, roles: list[str], *, min_lesion_size: float | None = None,
-                fill_holes: bool = True, keep_largest_organ: bool = True) -> np.ndarray:
+                fill_holes: bool = True, keep_largest_organ: bool = True, largest: Collection[int] = ()) -> np.ndarray:
     """Clean a class map (rules in the module docstring): lesions first (fill holes, drop small components),
-    then organs (largest component, fill holes). Never changes the shape; returns a new array."""
+    then organs (largest component, fill holes). ``largest``: classes (1-based) reduced to their largest
+    component whatever their role (the step training chose on validation, see ``experiments``).
+    Never changes the shape; returns a new array."""
     out = np.array(labels, dtype=np.uint8, copy=True)
     structure = np.ones((3,) * out.ndim, bool)
     _, unit = size_unit(meta)
     order = [k for k, r in enumerate(roles, 1) if r == "lesion"] + [k for k, r in enumerate(roles, 1) if r == "organ"]
+    order += [k for k in largest if k not in order]
     for k in order:
         m = out == k
         if not m.any():
             continue
-        if roles[k - 1] == "organ" and keep_largest_organ:
-            comp, n = ndimage.label(m, structure)
-            if n > 1:
-                sizes = np.bincount(comp.ravel())
-                sizes[0] = 0
-                keep = comp == int(np.argmax(sizes))
-                out[m & ~keep] = 0
-                m = keep
+        if (roles[k - 1] == "organ" and keep_largest_organ) or k in largest:
+            keep = largest_component(m)
+            out[m & ~keep] = 0
+            m = keep
         if fill_holes:
             add = _fill_holes(m) & (out == 0)
             out[add] = k
@@ -456,11 +455,14 @@ def postprocess(labels: np.ndarray, meta: medio.ImageMeta, roles: list[str], *, 
 
 def segment(bundle: ModelBundle, image: np.ndarray, meta: medio.ImageMeta, *, threshold: float = 0.5,
             min_lesion_size: float | None = None, fill_holes: bool = True, keep_largest_organ: bool = True,
-            overlap: float = 0.5, batch_size: int = 16, roles: list[str] | None = None) -> Segmentation:
+            overlap: float = 0.5, batch_size: int = 16, roles: list[str] | None = None,
+            learned_postprocess: bool = True) -> Segmentation:
     """The in-memory core of :func:`predict_case`: image array -> probabilities -> classes -> post-processing.
 
     Uses exactly the training-time path (``preprocess.to_planes`` + ``inference.predict_planes`` +
     ``inference.probs_to_labels``), so with post-processing off it reproduces training-time evaluation.
+    ``learned_postprocess``: apply the largest-component step the training run chose on its validation
+    cases (:func:`learned_largest`).
     """
     if not 0.0 < threshold < 1.0:
         raise ConfigError(f"threshold must be between 0 and 1 (got {threshold})")
@@ -482,8 +484,15 @@ def segment(bundle: ModelBundle, image: np.ndarray, meta: medio.ImageMeta, *, th
     if len(roles) != prep.n_classes or any(r not in ROLES for r in roles):
         raise ConfigError(f"roles {roles} do not fit the model's {prep.n_classes} class(es) (each one of {ROLES})")
     labels = postprocess(raw, meta, roles, min_lesion_size=min_lesion_size, fill_holes=fill_holes,
-                         keep_largest_organ=keep_largest_organ)
+                         keep_largest_organ=keep_largest_organ,
+                         largest=learned_largest(bundle) if learned_postprocess else ())
     return Segmentation(labels=labels, raw_labels=raw, probs=probs, roles=roles, seconds=time.perf_counter() - t0)
+
+
+def learned_largest(bundle: ModelBundle) -> list[int]:
+    """Classes (1-based) the training run reduces to their largest component (``postprocessing`` in the checkpoint)."""
+    names = ((bundle.info.get("postprocessing") or {}).get("largest_component")) or []
+    return [k for k, n in enumerate(bundle.prep.class_names, 1) if n in names]
 
 
 def class_probability(probs: np.ndarray | None, k: int, shape: tuple[int, ...]) -> np.ndarray | None:
@@ -887,7 +896,7 @@ def predict_case(model: ModelBundle | str | os.PathLike, input_path: str | os.Pa
                  keep_largest_organ: bool = True, lang: str = "zh", device: str = "auto", precision: str = "auto",
                  save_probability: bool = False, allow_input_dir: bool = False, case_name: str | None = None,
                  overlap: float = 0.5, batch_size: int = 16, roles: list[str] | None = None,
-                 embed_font: bool = True) -> CaseResult:
+                 embed_font: bool = True, learned_postprocess: bool = True) -> CaseResult:
     """Predict one input and write ``output_dir/<case_name or input stem>/``: mask, overlay.png, report.json,
     report.html (and the probability maps with ``save_probability``). See the module docstring for the rules.
 
@@ -909,7 +918,8 @@ def predict_case(model: ModelBundle | str | os.PathLike, input_path: str | os.Pa
     image, meta = medio.read_image(path)
     t_read = time.perf_counter() - t_start
     seg = segment(bundle, image, meta, threshold=threshold, min_lesion_size=min_lesion_size, fill_holes=fill_holes,
-                  keep_largest_organ=keep_largest_organ, overlap=overlap, batch_size=batch_size, roles=roles)
+                  keep_largest_organ=keep_largest_organ, overlap=overlap, batch_size=batch_size, roles=roles,
+                  learned_postprocess=learned_postprocess)
     t1 = time.perf_counter()
     analysis, id_map = _analyze(seg.labels, seg.probs, meta, prep, seg.roles)
     t_analyze = time.perf_counter() - t1
@@ -950,6 +960,8 @@ def predict_case(model: ModelBundle | str | os.PathLike, input_path: str | os.Pa
                      "min_lesion_size": float(min_lesion_size or 0.0), "min_lesion_size_unit": unit_name,
                      "fill_holes": bool(fill_holes), "fill_holes_mode": "per slice (2D)" if len(meta.shape) == 3 else "2D",
                      "keep_largest_organ": bool(keep_largest_organ), "overlap": float(overlap),
+                     "largest_component_classes": [prep.class_names[k - 1] for k in learned_largest(bundle)]
+                     if learned_postprocess else [],
                      "connectivity": "full (8 in 2D, 26 in 3D)"},
         "classes": [{"index": k, "name": n, "role": r} for k, (n, r) in enumerate(zip(prep.class_names, seg.roles), 1)],
         "lesions": analysis["lesions"], "summary": analysis["summary"],
@@ -1027,7 +1039,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-keep-largest-organ", dest="keep_largest_organ", action="store_false",
                    help="keep every organ component (default: only the largest)")
     p.add_argument("--no-postprocess", action="store_true", help="raw thresholded masks: no hole filling, no size "
-                   "filter, no largest-organ step (reproduces training-time evaluation exactly)")
+                   "filter, no largest-component step (the network's output as is)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto = cuda > mps > cpu")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="auto = bf16 autocast where the hardware supports it, else fp32")
@@ -1144,7 +1156,8 @@ def main(argv: list[str] | None = None) -> int:
                                    fill_holes=args.fill_holes, keep_largest_organ=args.keep_largest_organ,
                                    lang=args.lang, save_probability=args.save_probability,
                                    allow_input_dir=args.allow_input_dir, case_name=name, overlap=args.overlap,
-                                   batch_size=args.batch_size, roles=roles)
+                                   batch_size=args.batch_size, roles=roles,
+                                   learned_postprocess=not args.no_postprocess)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # noqa: BLE001 - one bad input never stops the batch

