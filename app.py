@@ -841,7 +841,7 @@ class DemoApp:
         raw = probs_to_labels(case.probs, threshold)
         raw = raw if case.is_volume else raw[0]
         case.labels = predict.postprocess(raw, case.meta, case.roles, min_lesion_size=max(0.0, min_size))
-        case.analysis, case.id_map = predict._analyze(case.labels, case.probs, case.meta, self.bundle.prep, case.roles)
+        case.analysis, case.id_map = predict.analyze_with_ids(case.labels, case.probs, case.meta, self.bundle.prep, case.roles)
         case.threshold, case.min_size = threshold, max(0.0, min_size)
         case.t_analyze = time.perf_counter() - t0
 
@@ -1009,11 +1009,8 @@ def _cjk_font_css(extra_text: str = "") -> str:
 
     modules = (sys.modules[__name__], report, predict)
     texts = [extra_text] + [Path(m.__file__).read_text(encoding="utf-8") for m in modules]
-    face = getattr(report, "_font_face", None)
-    if face is None:  # pragma: no cover - report.py without the subsetter
-        return ""
     try:
-        return face("".join(texts) + "，。：；（）“”、·")
+        return report.font_face("".join(texts) + "，。：；（）“”、·")
     except Exception:  # noqa: BLE001 - fonts are a nicety
         return ""
 

@@ -129,8 +129,10 @@ def train_model(cfg: TrainConfig, model: UNet, train_data, validate, device: tor
         if not last.is_file():
             raise ConfigError(f"{last}: nothing to resume (no last.pth in --output-dir {cfg.output_dir})")
         saved, ckpt = load_checkpoint(last, "cpu")
-        differ = [f"{k}: {ckpt['config'].get(k)!r} -> {v!r}" for k, v in asdict(cfg).items()
-                  if k not in RESUME_FREE and ckpt["config"].get(k) != v]
+        defaults = asdict(TrainConfig())  # an option newer than the run counts as its default
+        saved_cfg = {k: ckpt["config"].get(k, defaults.get(k)) for k in asdict(cfg)}
+        differ = [f"{k}: {saved_cfg[k]!r} -> {v!r}" for k, v in asdict(cfg).items()
+                  if k not in RESUME_FREE and saved_cfg[k] != v]
         if differ:
             raise ConfigError(f"{last}: the run was started with other settings ({'; '.join(differ)}); "
                               "resume with the same options (only --epochs may grow)")

@@ -601,8 +601,9 @@ def _measure(comp_sub: np.ndarray, offset: np.ndarray, meta: medio.ImageMeta, pr
     return item
 
 
-def _analyze(labels: np.ndarray, probs: np.ndarray | None, meta: medio.ImageMeta, prep: Preprocessing,
-             roles: list[str] | None = None) -> tuple[dict, np.ndarray]:
+def analyze_with_ids(labels: np.ndarray, probs: np.ndarray | None, meta: medio.ImageMeta, prep: Preprocessing,
+                     roles: list[str] | None = None) -> tuple[dict, np.ndarray]:
+    """:func:`analyze_mask` plus the lesion id map (each lesion voxel = its ``id``) the overlays are drawn from."""
     labels = np.asarray(labels)
     shape = tuple(int(s) for s in meta.shape)
     if labels.shape != shape:
@@ -681,7 +682,7 @@ def analyze_mask(labels: np.ndarray, probs: np.ndarray | None, meta: medio.Image
     :func:`inference.predict_planes` or None. Lesions are connected components (full connectivity) of
     the lesion-role classes, sorted by size (largest first, ``id`` 1..n). Units: see the module docstring.
     """
-    return _analyze(labels, probs, meta, prep, roles)[0]
+    return analyze_with_ids(labels, probs, meta, prep, roles)[0]
 
 
 # ============================================================================ overlay figure
@@ -921,7 +922,7 @@ def predict_case(model: ModelBundle | str | os.PathLike, input_path: str | os.Pa
                   keep_largest_organ=keep_largest_organ, overlap=overlap, batch_size=batch_size, roles=roles,
                   learned_postprocess=learned_postprocess)
     t1 = time.perf_counter()
-    analysis, id_map = _analyze(seg.labels, seg.probs, meta, prep, seg.roles)
+    analysis, id_map = analyze_with_ids(seg.labels, seg.probs, meta, prep, seg.roles)
     t_analyze = time.perf_counter() - t1
 
     files: dict[str, Path] = {}

@@ -372,7 +372,7 @@ def render_html(report: dict, images: dict[str, bytes], lang: str = "zh", embed_
 </div>"""
     css = _CSS
     if embed_font:
-        css = _font_face(body) + css
+        css = font_face(body) + css
     title = f"{t('title', lang)} · {inp.get('name', '')}"
     return (f'<!DOCTYPE html>\n<html lang="{"zh-CN" if lang == "zh" else "en"}"><head><meta charset="utf-8">'
             f'<meta name="viewport" content="width=device-width, initial-scale=1">'
@@ -389,7 +389,7 @@ def _is_cjk(ch: str) -> bool:
     return any(a <= ord(ch) <= b for a, b in _CJK_BLOCKS)
 
 
-def _font_face(text: str) -> str:
+def font_face(text: str) -> str:
     """``@font-face`` with the CJK characters of ``text`` subset from Noto Sans CJK SC (OFL); '' if not needed
     or not available (the page then relies on the system's CJK fonts)."""
     chars = "".join(sorted({c for c in html.unescape(text) if _is_cjk(c)}))

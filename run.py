@@ -16,7 +16,7 @@ import data_gen
 from errors import MedSegError
 from experiments import run_dataset, run_synthetic
 from preprocess import WINDOW_PRESETS
-from train import TrainConfig, TrainingInterrupted
+from train import LR_SCHEDULES, TrainConfig, TrainingInterrupted
 
 log = logging.getLogger("run")
 
@@ -34,6 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-bilinear", dest="bilinear", action="store_false", help="up-sample with transposed convolutions")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
     p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
+                   help="plateau: halve the LR when the validation loss stalls (2 epochs); poly: decay to 0 over --epochs")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for data, split, weights and batch order")
     p.add_argument("--difficulty", choices=data_gen.DIFFICULTIES, default=d.difficulty,
                    help="synthetic preset: 'seed' (the post's, threshold-solvable) or 'realistic'")

@@ -31,6 +31,7 @@ from model import UNet, UNetArgs
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "medseg-unet/1"
+LR_SCHEDULES = ("plateau", "poly")
 
 
 @dataclass
@@ -51,6 +52,7 @@ class TrainConfig:
     channels_last: bool = True
     val_fraction: float = 0.1
     test_fraction: float = 0.2
+    lr_schedule: str = "plateau"  # plateau: ReduceLROnPlateau(val loss); poly: nnU-Net's (1 - epoch/epochs)^0.9
     lr_factor: float = 0.5
     lr_patience: int = 2
     threshold: float = 0.5
@@ -87,6 +89,8 @@ class TrainConfig:
             problems.append(f"--lr must be > 0 (got {self.lr})")
         if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
             problems.append("val_fraction and test_fraction must be in [0, 1) and sum to < 1")
+        if self.lr_schedule not in LR_SCHEDULES:
+            problems.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
         if self.precision not in ("auto", "fp32", "bf16"):
             problems.append(f"--precision must be auto, fp32 or bf16 (got {self.precision!r})")
         if problems:
@@ -409,12 +413,22 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
+    """``plateau`` (the post's): halve the LR after ``lr_patience`` epochs without a lower validation loss.
+    ``poly`` (nnU-Net's): LR x (1 - done/epochs)^0.9 after each epoch, so a fixed budget ends at a small LR
+    whatever the validation noise; better when the epoch budget, not convergence, ends the run."""
+    if cfg.lr_schedule == "poly":
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: max(0.0, 1 - done / cfg.epochs) ** 0.9)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
+                                                      patience=cfg.lr_patience)
+
+
 def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg: TrainConfig,
         device: torch.device, precision: str, checkpoint_path: str | os.PathLike,
         augment: Callable | None = None, extra_checkpoint: dict | None = None,
         last_path: str | os.PathLike | None = None, resume: dict | None = None,
         dist_info: DistInfo | None = None) -> FitResult:
-    """Train with Adam + ReduceLROnPlateau(val loss); save the best-validation-Dice model atomically.
+    """Train with Adam + ReduceLROnPlateau(val loss) or poly LR; save the best-validation-Dice model atomically.
 
     ``train_data`` yields (images, labels) batches through ``__getitems__`` (and may have ``set_epoch``);
     ``validate(model)`` returns ``{"loss": float, "summary": {"dice", "iou", "sensitivity", "precision", ...}}``.
@@ -437,8 +451,7 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
         net = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
         sampler = DistributedSampler(train_data, dist_info.world_size, dist_info.rank, shuffle=True, seed=cfg.seed)
     optimizer = make_optimizer(model, cfg.lr)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
-                                                           patience=cfg.lr_patience)
+    scheduler = make_scheduler(optimizer, cfg)
     loader = make_loader(train_data, cfg.batch_size, True, cfg.seed, cfg.num_workers, sampler)
     gen = loader.generator
     res = FitResult(history={k: [] for k in ("epoch", "train_loss", "val_loss", "val_dice", "val_iou",
@@ -474,7 +487,10 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
                 box = [val]
                 torch.distributed.broadcast_object_list(box, src=0)
                 val = box[0]
-            scheduler.step(val["loss"])
+            if cfg.lr_schedule == "plateau":
+                scheduler.step(val["loss"])
+            else:
+                scheduler.step()
             s = val["summary"]
             for k, v in (("epoch", epoch), ("train_loss", train_loss), ("val_loss", val["loss"]), ("val_dice", s["dice"]),
                          ("val_iou", s["iou"]), ("val_sensitivity", s["sensitivity"]), ("val_precision", s["precision"]),

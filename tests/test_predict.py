@@ -253,6 +253,21 @@ def test_postprocess_min_size_fill_holes_keep_largest_organ():
     assert predict.class_roles(["Anterior", "Posterior"]) == ["organ", "organ"]
 
 
+def test_learned_largest_component_step_from_the_checkpoint():
+    """Training chose 'largest component' for a class on validation: predict applies it to that class only,
+    whatever its role, and not with --no-postprocess."""
+    image = np.zeros((24, 24), np.float32)
+    image[2:10, 2:10] = 1.0       # 64 px
+    image[18:20, 18:20] = 1.0     # 4 px fragment
+    b = bundle(class_names=["vessel"])  # tubular: no role-based largest step
+    assert predict.segment(b, image, meta2d(image.shape)).labels.sum() == 68
+    b.info = {"postprocessing": {"largest_component": ["vessel"]}}
+    assert predict.learned_largest(b) == [1]
+    seg = predict.segment(b, image, meta2d(image.shape))
+    assert seg.labels.sum() == 64 and seg.raw_labels.sum() == 68
+    assert predict.segment(b, image, meta2d(image.shape), learned_postprocess=False).labels.sum() == 68
+
+
 # ------------------------------------------------------------------------------------ geometry, formats
 def test_nifti_mask_keeps_affine_and_sliding_window(tmp_path):
     rng = np.random.default_rng(0)

@@ -6,7 +6,7 @@ import torch.nn as nn
 
 from augment import Augmenter
 from errors import ConfigError
-from inference import gaussian_weight, predict_planes, probs_to_labels, tile_starts
+from inference import gaussian_weight, keep_largest, largest_component, predict_planes, probs_to_labels, tile_starts
 from preprocess import Preprocessing, normalize, parse_labels, parse_window, scaled_size, to_classes, to_planes
 
 
@@ -109,3 +109,34 @@ def test_augmentation_is_seeded_and_keeps_labels_integer():
     # flips only: the label follows the image exactly
     a, b = Augmenter(seed=0, rotate_deg=0, scale=(1.0, 1.0), intensity=0)(x, y)
     assert torch.equal((a[:, 0] > 0.5).to(torch.uint8), b)
+
+
+def test_largest_component_and_keep_largest():
+    m = np.zeros((5, 6), bool)
+    m[0, 0:2] = True          # 2 px
+    m[2:5, 3:6] = True        # 9 px
+    m[4, 0] = True            # 1 px
+    assert largest_component(m).sum() == 9 and largest_component(m)[3, 4]
+    assert not largest_component(np.zeros((3, 3), bool)).any()
+    # diagonal neighbours are connected (full connectivity), so this is one component
+    diag = np.eye(4, dtype=bool)
+    assert largest_component(diag).sum() == 4
+    labels = np.zeros((5, 6), np.uint8)
+    labels[m] = 1
+    labels[0, 5] = 2          # class 2 untouched when only class 1 is asked for
+    out = keep_largest(labels, [1])
+    assert (out == 1).sum() == 9 and out[0, 5] == 2 and (labels == 1).sum() == 12  # input unchanged
+    vol = np.zeros((3, 4, 4), np.uint8)
+    vol[0, 0, 0] = 1
+    vol[1:3, 2:4, 2:4] = 1
+    assert (keep_largest(vol, [1]) == 1).sum() == 8
+
+
+def test_postprocessing_is_chosen_on_validation_per_class():
+    from experiments import choose_postprocessing
+    prep = Preprocessing(class_names=["a", "b"])
+    rows = [{"case": i, "class": "a", "dice": 0.80, "dice_largest": 0.85} for i in range(3)]
+    rows += [{"case": i, "class": "b", "dice": 0.70, "dice_largest": d} for i, d in enumerate((0.60, 0.70, 0.75))]
+    post = choose_postprocessing(rows, prep)
+    assert post["largest_component"] == ["a"]  # b: mean 0.683 < 0.70, so it keeps every component
+    assert post["validation"]["a"] == {"val_dice": pytest.approx(0.80), "val_dice_largest": pytest.approx(0.85)}

@@ -97,3 +97,20 @@ def test_config_validation_lists_every_problem():
         TrainConfig(epochs=0, image_size=8, lr=-1).validate()
     msg = str(e.value)
     assert "--epochs" in msg and "--image-size" in msg and "--lr" in msg
+
+
+def test_fused_adam_and_poly_schedule():
+    from train import make_optimizer, make_scheduler
+    model = UNet(n_channels=1, n_classes=1, base_channels=4)
+    opt = make_optimizer(model, 1e-2)
+    assert opt.defaults.get("fused") is True  # CPU has the fused kernel in the pinned torch
+    sched = make_scheduler(opt, TrainConfig(epochs=4, lr=1e-2, lr_schedule="poly"))
+    lrs = []
+    for _ in range(4):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([1e-2 * (1 - e / 4) ** 0.9 for e in range(4)])
+    assert isinstance(make_scheduler(opt, TrainConfig()), torch.optim.lr_scheduler.ReduceLROnPlateau)
+    with pytest.raises(ConfigError, match="--lr-schedule"):
+        TrainConfig(lr_schedule="cosine").validate()
