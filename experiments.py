@@ -101,11 +101,13 @@ def run_synthetic(cfg: TrainConfig) -> dict:
 
 
 #: options that may differ between a run and its --resume
-RESUME_FREE = {"epochs", "resume", "progress", "device", "num_workers"}
+RESUME_FREE = {"epochs", "resume", "progress", "device", "num_workers", "threads"}
 
 
 def setup_run(cfg: TrainConfig) -> tuple[torch.device, str, DistInfo]:
     """Device, numeric precision and, under ``torchrun``, the process group (gloo on CPU, NCCL on CUDA)."""
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     device = select_device(cfg.device)
     dist_info = DistInfo()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -165,7 +167,7 @@ def auto_preprocessing(cfg: TrainConfig, first: medio.ImageMeta, first_image: np
     window = parse_window(cfg.window) if cfg.window else (list(WINDOW_PRESETS["abdomen"]) if norm == "window" else None)
     return Preprocessing(normalization=norm, window=window, in_channels=cfg.in_channels or (3 if rgb else 1),
                          resize_long_side=cfg.resize, patch_size=cfg.image_size,
-                         class_values=class_values, class_names=class_names)
+                         class_values=class_values, class_names=class_names, mirror_tta=cfg.tta)
 
 
 def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
@@ -218,7 +220,7 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
 
     def validate(m: UNet) -> dict:
         loss = evaluate(m, val_x, val_y, 16, device, precision, cfg.channels_last)["loss"]
-        rows = evaluate_cases(m, sets["val"], prep, device, precision, cfg, hd=False)
+        rows = evaluate_cases(m, sets["val"], prep, device, precision, cfg, hd=False, mirror=False)  # TTA: test only
         return {"loss": loss, "summary": summarize_rows(rows, prep)}
 
     model = UNet(n_channels=prep.in_channels, n_classes=prep.model_out_channels, base_channels=cfg.base_channels,
@@ -266,7 +268,7 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
 
 def evaluate_cases(model: UNet, cases: list, prep: Preprocessing, device: torch.device, precision: str,
                    cfg: TrainConfig, hd: bool = True, keep_pred: bool = False, largest=(),
-                   compare_largest: bool = False) -> list[dict]:
+                   compare_largest: bool = False, mirror: bool | None = None) -> list[dict]:
     """Whole-case prediction (sliding window, original resolution) and per-class scores, one row per case and class.
 
     largest: classes (1-based) reduced to their largest connected component before scoring (the
@@ -275,7 +277,8 @@ def evaluate_cases(model: UNet, cases: list, prep: Preprocessing, device: torch.
     """
     rows = []
     for c in cases:
-        probs = predict_planes(model, c.planes, prep, device, precision, cfg.overlap, channels_last=cfg.channels_last)
+        probs = predict_planes(model, c.planes, prep, device, precision, cfg.overlap, channels_last=cfg.channels_last,
+                               mirror=mirror)
         pred = keep_largest(probs_to_labels(probs, cfg.threshold), largest)
         spacing = c.meta.spacing if c.is_volume else c.meta.spacing[-2:]
         for k, name in enumerate(prep.class_names, start=1):

@@ -69,8 +69,11 @@ def keep_largest(labels: np.ndarray, classes) -> np.ndarray:
 @torch.inference_mode()
 def predict_planes(model: UNet, planes: np.ndarray, prep: Preprocessing, device: torch.device | str = "cpu",
                    precision: str = "fp32", overlap: float = 0.5, batch_size: int = 8,
-                   channels_last: bool = False) -> np.ndarray:
+                   channels_last: bool = False, mirror: bool | None = None) -> np.ndarray:
     """Probabilities (Z, C_out, H, W) float32 at the planes' original resolution.
+
+    mirror: average over the 4 flips of each window (None = ``prep.mirror_tta``; training-time
+    validation passes False for speed).
 
     planes: (Z, C, H, W) normalised input (see :func:`preprocess.to_planes`). Each plane is resized by
     ``prep.resize_long_side``, padded to at least ``prep.patch_size`` with the case minimum, tiled by
@@ -92,7 +95,12 @@ def predict_planes(model: UNet, planes: np.ndarray, prep: Preprocessing, device:
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
-            prob = probs_from_logits(model(batch)).cpu()
+            prob = probs_from_logits(model(batch))
+            if prep.mirror_tta if mirror is None else mirror:
+                for dims in ((3,), (2,), (2, 3)):
+                    prob += probs_from_logits(model(batch.flip(dims))).flip(dims)
+                prob /= 4
+            prob = prob.cpu()
         if acc is None:
             acc = torch.zeros(z, prob.size(1), hp, wp)
             norm = torch.zeros(z, 1, hp, wp)

@@ -961,6 +961,7 @@ def predict_case(model: ModelBundle | str | os.PathLike, input_path: str | os.Pa
                      "min_lesion_size": float(min_lesion_size or 0.0), "min_lesion_size_unit": unit_name,
                      "fill_holes": bool(fill_holes), "fill_holes_mode": "per slice (2D)" if len(meta.shape) == 3 else "2D",
                      "keep_largest_organ": bool(keep_largest_organ), "overlap": float(overlap),
+                     "mirror_tta": bool(prep.mirror_tta),
                      "largest_component_classes": [prep.class_names[k - 1] for k in learned_largest(bundle)]
                      if learned_postprocess else [],
                      "connectivity": "full (8 in 2D, 26 in 3D)"},

@@ -35,6 +35,8 @@ class Preprocessing:
     patch_size:       square network input; larger planes are tiled by a sliding window
     class_values:     class k (1-based) = union of these source label values; ``None`` = any foreground
     class_names:      one name per foreground class
+    mirror_tta:       predict each window also flipped left-right, up-down and both, and average the
+                      four probability maps (nnU-Net's mirroring; 4x the inference time)
     """
 
     normalization: str = "none"
@@ -44,6 +46,7 @@ class Preprocessing:
     patch_size: int = 64
     class_values: list[list[int]] | None = None
     class_names: list[str] = field(default_factory=lambda: ["lesion"])
+    mirror_tta: bool = False
 
     @property
     def n_classes(self) -> int:

@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=d.output_dir, help="folder for figures, history.json and summary.json")
     p.add_argument("--checkpoint", default=d.checkpoint, help="where to save the best model")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the per-epoch progress bar")
+    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for PyTorch (0 = one per core); "
+                   "1 is much faster when other jobs share the cores")
     p.add_argument("--resume", action="store_true", help="continue from last.pth in --output-dir (after a crash or Ctrl-C)")
     r = p.add_argument_group("real data (instead of synthetic images)")
     r.add_argument("--data", default=None, help="dataset folder: MSD imagesTr/labelsTr, images/+masks/ folders, or "
@@ -64,6 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-augment", dest="augment", action="store_false", help="disable flips/rotation/scaling/intensity jitter")
     r.add_argument("--elastic", type=float, default=d.elastic, help="elastic deformation strength (0 = off, e.g. 0.03)")
     r.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap at evaluation")
+    r.add_argument("--tta", action="store_true", help="mirror test-time augmentation (4 flips averaged) on the test "
+                   "cases and in predict.py; per-epoch validation stays without it")
     r.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of cases for validation")
     r.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share of cases held out for testing")
     r.add_argument("--max-cases", type=int, default=d.max_cases, help="use only the first N cases (0 = all)")

@@ -57,6 +57,7 @@ class TrainConfig:
     lr_patience: int = 2
     threshold: float = 0.5
     num_workers: int = 0  # in-memory arrays: worker processes only add start-up cost (and Windows pickling)
+    threads: int = 0  # CPU threads for PyTorch; 0 = its default (one per core)
     output_dir: str = "output_figures"
     checkpoint: str = "best_unet.pth"
     progress: bool = True
@@ -74,12 +75,15 @@ class TrainConfig:
     augment: bool = True
     elastic: float = 0.0
     overlap: float = 0.5
+    tta: bool = False  # mirror test-time augmentation at test and in predict.py (not in per-epoch validation)
     max_cases: int = 0  # 0 = all cases (a smaller number for quick experiments)
     resume: bool = False  # continue from last.pth in output_dir
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` listing every invalid value at once."""
         problems = []
+        if self.threads < 0:
+            problems.append(f"--threads must be >= 0 (got {self.threads})")
         for name in ("epochs", "num_samples", "base_channels", "batch_size"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")

@@ -90,6 +90,30 @@ def test_sliding_window_reproduces_a_known_model_exactly(shape, resize):
         assert (pred == (planes[:, 0] > 0.5)).mean() > 0.85
 
 
+class ColumnModel(nn.Module):
+    """Not flip-invariant: logit = x + a ramp along the width, so mirroring changes its answer."""
+
+    def forward(self, x):
+        ramp = torch.linspace(-1, 1, x.shape[-1]).view(1, 1, 1, -1)
+        return x[:, :1] * 4 + ramp * 3
+
+
+def test_mirror_tta_averages_the_four_flips():
+    rng = np.random.default_rng(2)
+    planes = rng.random((2, 1, 32, 32)).astype(np.float32)
+    prep = Preprocessing(patch_size=32, mirror_tta=True)
+    probs = predict_planes(ColumnModel(), planes, prep)
+    x = torch.from_numpy(planes)
+    m = ColumnModel()
+    expected = sum(torch.sigmoid(m(x.flip(d) if d else x)).flip(d) if d else torch.sigmoid(m(x))
+                   for d in ((), (3,), (2,), (2, 3))) / 4
+    assert np.allclose(probs, expected.numpy(), atol=1e-6)
+    plain = predict_planes(ColumnModel(), planes, prep, mirror=False)  # the override used by per-epoch validation
+    assert np.allclose(plain, torch.sigmoid(m(x)).numpy(), atol=1e-6) and not np.allclose(plain, probs, atol=1e-3)
+    # a flip-equivariant model gives the same answer with or without mirroring
+    assert np.allclose(predict_planes(ThresholdModel(), planes, prep), predict_planes(ThresholdModel(), planes, prep, mirror=False), atol=1e-6)
+
+
 def test_multiclass_probs_to_labels():
     p = np.zeros((1, 3, 2, 2), np.float32)
     p[0, 2, 0, 0] = p[0, 1, 1, 1] = 1
