@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import io
 import logging
+import math
 import os
 import tempfile
 import zipfile
@@ -78,7 +79,7 @@ class ImageMeta:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON / ``torch.load(weights_only=True)``-safe representation."""
-        return _plain(asdict(self))
+        return json_safe(asdict(self))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ImageMeta:
@@ -90,14 +91,18 @@ class ImageMeta:
         return cls(**d)
 
 
-def _plain(obj: Any) -> Any:
+def json_safe(obj: Any) -> Any:
+    """Plain JSON values: NumPy / torch scalars and arrays converted, NaN and infinities -> None, other objects
+    (paths, ...) -> str. Used for image metadata and for predict.py's reports."""
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if obj is None or isinstance(obj, (str, int, float, bool)):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # np.ndarray, np.generic, torch.Tensor
+        return json_safe(obj.tolist())
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is None or isinstance(obj, (str, int, bool)):
         return obj
     return str(obj)
 

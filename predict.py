@@ -327,21 +327,7 @@ def _atomic_write(path: Path, data: bytes) -> Path:
     return path
 
 
-def json_safe(obj: Any) -> Any:
-    """Plain JSON values: NumPy scalars / arrays converted, NaN and infinities -> None, paths -> str."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, np.ndarray)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return json_safe(obj.tolist())
-    return str(obj)
+json_safe = medio.json_safe  # re-exported: the demo page and older callers use predict.json_safe
 
 
 def dicom_header(path: Path) -> dict:
