@@ -240,6 +240,7 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
     rows = evaluate_cases(best, sets["test"], prep, device, precision, cfg, hd=True, keep_pred=True, largest=largest)
     write_case_csv(out_dir / "metrics_per_case.csv", rows)
     stats = summarize_rows(rows, prep)
+    hd_unit = "mm" if all(c.meta.spacing_known for c in sets["test"]) else "px"  # plain photos have no spacing
     plot_case_overlays(rows, out_dir)
     summary = {
         **{k: stats[k] for k in ("dice", "iou", "sensitivity", "precision")},
@@ -248,6 +249,7 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
         "train_seconds": round(result.train_seconds, 2), "train_cpu_seconds": round(result.train_cpu_seconds, 1), "total_seconds": round(time.perf_counter() - t_run, 2),
         "device": str(device), "dtype": precision, "data": str(cfg.data), "layout": spec.layout,
         "preprocessing": prep.to_dict(), "postprocessing": post, "checkpoint": str(cfg.checkpoint),
+        "hd95_unit": hd_unit,
         "counting": "per-case (per patient volume / per image) at the original resolution, after the "
                     "post-processing chosen on validation; see README",
         "config": asdict(cfg),
@@ -259,8 +261,8 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
     _write_json(out_dir / "history.json", result.history)
     _write_json(out_dir / "summary.json", summary)
     for name, pc in stats["per_class"].items():
-        log.info("测试集 %s (%d 例): Dice %.4f ± %.4f | IoU %.4f | HD95 %.2f mm | 病灶检出 %d/%d, 假阳性病灶 %d",
-                 name, pc["n"], pc["dice"], pc["dice_std"], pc["iou"], pc["hd95"], pc["detected_lesions"],
+        log.info("测试集 %s (%d 例): Dice %.4f ± %.4f | IoU %.4f | HD95 %.2f %s | 病灶检出 %d/%d, 假阳性病灶 %d",
+                 name, pc["n"], pc["dice"], pc["dice_std"], pc["iou"], pc["hd95"], hd_unit, pc["detected_lesions"],
                  pc["true_lesions"], pc["false_positive_lesions"])
     log.info("全部完成! 结果保存在 %s/, 模型 %s (%.1f s)", out_dir, cfg.checkpoint, summary["total_seconds"])
     return summary

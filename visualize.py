@@ -118,24 +118,40 @@ def overlay_rgb(image: np.ndarray, truth: np.ndarray | None, pred: np.ndarray) -
     return np.clip(rgb, 0, 1)
 
 
+def _short(text: str, limit: int = 28) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def plot_predictions(images: Sequence[np.ndarray], truths: Sequence[np.ndarray], preds: Sequence[np.ndarray],
                      out_dir: str | Path, scores: Sequence[float] | None = None,
                      file_name: str = "segmentation_results.png", titles: Sequence[str] | None = None) -> Path:
-    """Rows of input / ground truth / prediction / overlay -> ``file_name``."""
+    """Rows of input / ground truth / prediction / overlay -> ``file_name``.
+
+    Grey images get a colour-filled overlay (green truth, red prediction, yellow both); colour
+    photographs get contours instead, because a green or red fill on red mucosa reads as the wrong colour.
+    """
     setup_chinese_font()
     n = len(images)
     fig, axes = plt.subplots(n, 4, figsize=(13, 3.2 * n), squeeze=False)
     vmax = max(1, max(int(np.max(t)) for t in truths), max(int(np.max(p)) for p in preds))
     for i in range(n):
-        name = titles[i] if titles else f"{i + 1}"
-        axes[i, 0].imshow(images[i], cmap="gray")
+        name = _short(titles[i]) if titles else f"{i + 1}"
+        colour = np.ndim(images[i]) == 3
+        axes[i, 0].imshow(images[i], cmap=None if colour else "gray")
         axes[i, 0].set_title(f"输入图像 {name}")
         axes[i, 1].imshow(truths[i], cmap="Reds", vmin=0, vmax=vmax, interpolation="nearest")
-        axes[i, 1].set_title(f"真实标签 {name}")
+        axes[i, 1].set_title("真实标签")
         axes[i, 2].imshow(preds[i], cmap="Reds", vmin=0, vmax=vmax, interpolation="nearest")
-        axes[i, 2].set_title(f"预测结果 {name}" + (f" (Dice {scores[i]:.3f})" if scores is not None else ""))
-        axes[i, 3].imshow(overlay_rgb(images[i], truths[i], preds[i]))
-        axes[i, 3].set_title("叠加: 绿=真实, 红=预测, 黄=重合")
+        axes[i, 2].set_title("预测结果" + (f" (Dice {scores[i]:.3f})" if scores is not None else ""))
+        if colour:
+            axes[i, 3].imshow(np.clip(images[i], 0, 1))
+            for mask, c in ((truths[i], "lime"), (preds[i], "magenta")):
+                if np.any(mask > 0):
+                    axes[i, 3].contour((np.asarray(mask) > 0).astype(float), levels=[0.5], colors=c, linewidths=1.5)
+            axes[i, 3].set_title("轮廓: 绿=真实, 品红=预测")
+        else:
+            axes[i, 3].imshow(overlay_rgb(images[i], truths[i], preds[i]))
+            axes[i, 3].set_title("叠加: 绿=真实, 红=预测, 黄=重合")
     for ax in axes.ravel():
         ax.axis("off")
     fig.tight_layout()
