@@ -840,7 +840,8 @@ class DemoApp:
         t0 = time.perf_counter()
         raw = probs_to_labels(case.probs, threshold)
         raw = raw if case.is_volume else raw[0]
-        case.labels = predict.postprocess(raw, case.meta, case.roles, min_lesion_size=max(0.0, min_size))
+        case.labels = predict.postprocess(raw, case.meta, case.roles, min_lesion_size=max(0.0, min_size),
+                                          largest=predict.learned_largest(self.bundle))
         case.analysis, case.id_map = predict.analyze_with_ids(case.labels, case.probs, case.meta, self.bundle.prep, case.roles)
         case.threshold, case.min_size = threshold, max(0.0, min_size)
         case.t_analyze = time.perf_counter() - t0
@@ -911,8 +912,6 @@ def build_report(bundle, case: Case, lang: str, outputs: dict[str, str]) -> dict
     import report
 
     meta, prep = case.meta, bundle.prep
-    unit_name, _ = predict.size_unit(meta)
-    multi = prep.n_classes > 1
     inp = {"path": case.name, "name": case.name, "format": meta.format, "shape": list(meta.shape),
            "channels": meta.channels, "spacing_mm": list(meta.spacing), "spacing_known": meta.spacing_known,
            "affine": meta.affine, "modality": meta.extra.get("modality") or None,
@@ -926,11 +925,7 @@ def build_report(bundle, case: Case, lang: str, outputs: dict[str, str]) -> dict
         "language": lang, "notice": predict.NOTICE[lang], "notice_zh": predict.NOTICE["zh"],
         "notice_en": predict.NOTICE["en"], "software": f"medseg app.py (predict.py) · PyTorch {torch.__version__}",
         "input": inp, "model": predict.describe_model(bundle, lang),
-        "settings": {"threshold": None if multi else float(case.threshold),
-                     "decision": "argmax" if multi else "sigmoid > threshold",
-                     "min_lesion_size": float(case.min_size or 0.0), "min_lesion_size_unit": unit_name,
-                     "fill_holes": True, "fill_holes_mode": "per slice (2D)" if len(meta.shape) == 3 else "2D",
-                     "keep_largest_organ": True, "overlap": 0.5, "connectivity": "full (8 in 2D, 26 in 3D)"},
+        "settings": predict.settings_record(bundle, meta, threshold=case.threshold, min_lesion_size=case.min_size),
         "classes": [{"index": k, "name": n, "role": r}
                     for k, (n, r) in enumerate(zip(prep.class_names, case.roles), 1)],
         "lesions": case.analysis["lesions"], "summary": dict(case.analysis["summary"]),

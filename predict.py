@@ -475,6 +475,21 @@ def segment(bundle: ModelBundle, image: np.ndarray, meta: medio.ImageMeta, *, th
     return Segmentation(labels=labels, raw_labels=raw, probs=probs, roles=roles, seconds=time.perf_counter() - t0)
 
 
+def settings_record(bundle: ModelBundle, meta: medio.ImageMeta, *, threshold: float = 0.5,
+                    min_lesion_size: float | None = None, fill_holes: bool = True, keep_largest_organ: bool = True,
+                    overlap: float = 0.5, learned_postprocess: bool = True) -> dict:
+    """The report's ``settings``: how a mask was made from the network output (predict.py and the demo page)."""
+    prep, multi = bundle.prep, bundle.prep.n_classes > 1
+    return {"threshold": None if multi else float(threshold), "decision": "argmax" if multi else "sigmoid > threshold",
+            "min_lesion_size": float(min_lesion_size or 0.0), "min_lesion_size_unit": size_unit(meta)[0],
+            "fill_holes": bool(fill_holes), "fill_holes_mode": "per slice (2D)" if len(meta.shape) == 3 else "2D",
+            "keep_largest_organ": bool(keep_largest_organ), "overlap": float(overlap),
+            "mirror_tta": bool(prep.mirror_tta),
+            "largest_component_classes": [prep.class_names[k - 1] for k in learned_largest(bundle)]
+            if learned_postprocess else [],
+            "connectivity": "full (8 in 2D, 26 in 3D)"}
+
+
 def learned_largest(bundle: ModelBundle) -> list[int]:
     """Classes (1-based) the training run reduces to their largest component (``postprocessing`` in the checkpoint)."""
     names = ((bundle.info.get("postprocessing") or {}).get("largest_component")) or []
@@ -929,8 +944,6 @@ def predict_case(model: ModelBundle | str | os.PathLike, input_path: str | os.Pa
     png = render_overlay(image, meta, seg.labels, id_map, analysis["lesions"], seg.roles, prep, lang)
     files["overlay"] = _atomic_write(case_dir / "overlay.png", png)
 
-    unit_name, _ = size_unit(meta)
-    multi = prep.n_classes > 1
     inp = {"path": str(path), "name": path.name, "format": meta.format, "shape": list(meta.shape),
            "channels": meta.channels, "spacing_mm": list(meta.spacing), "spacing_known": meta.spacing_known,
            "affine": meta.affine, "modality": meta.extra.get("modality") or None,
@@ -943,14 +956,9 @@ def predict_case(model: ModelBundle | str | os.PathLike, input_path: str | os.Pa
         "language": lang, "notice": NOTICE[lang], "notice_zh": NOTICE["zh"], "notice_en": NOTICE["en"],
         "software": f"medseg predict.py · PyTorch {torch.__version__}",
         "input": inp, "model": describe_model(bundle, lang),
-        "settings": {"threshold": None if multi else float(threshold), "decision": "argmax" if multi else "sigmoid > threshold",
-                     "min_lesion_size": float(min_lesion_size or 0.0), "min_lesion_size_unit": unit_name,
-                     "fill_holes": bool(fill_holes), "fill_holes_mode": "per slice (2D)" if len(meta.shape) == 3 else "2D",
-                     "keep_largest_organ": bool(keep_largest_organ), "overlap": float(overlap),
-                     "mirror_tta": bool(prep.mirror_tta),
-                     "largest_component_classes": [prep.class_names[k - 1] for k in learned_largest(bundle)]
-                     if learned_postprocess else [],
-                     "connectivity": "full (8 in 2D, 26 in 3D)"},
+        "settings": settings_record(bundle, meta, threshold=threshold, min_lesion_size=min_lesion_size,
+                                    fill_holes=fill_holes, keep_largest_organ=keep_largest_organ, overlap=overlap,
+                                    learned_postprocess=learned_postprocess),
         "classes": [{"index": k, "name": n, "role": r} for k, (n, r) in enumerate(zip(prep.class_names, seg.roles), 1)],
         "lesions": analysis["lesions"], "summary": analysis["summary"],
         "outputs": {k: v.name for k, v in files.items()} | {"report_json": "report.json", "report_html": "report.html"},
