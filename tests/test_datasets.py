@@ -5,6 +5,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -146,7 +147,7 @@ def test_run_on_a_tiny_msd_dataset_writes_per_case_metrics(tmp_path):
     out = tmp_path / "out"
     code = run.main(["--data", str(root), "--labels", "anterior,posterior", "--epochs", "1", "--image-size", "16",
                      "--base-channels", "4", "--batch-size", "8", "--samples-per-epoch", "32", "--device", "cpu",
-                     "--no-progress", "--output-dir", str(out), "--checkpoint", str(out / "best_unet.pth")])
+                     "--no-progress", "--tta", "--output-dir", str(out), "--checkpoint", str(out / "best_unet.pth")])
     assert code == 0
     for name in ("metrics_per_case.csv", "metrics_summary.json", "summary.json", "history.json", "split.json",
                  "training_history.png", "segmentation_results.png", "best_unet.pth"):
@@ -157,6 +158,15 @@ def test_run_on_a_tiny_msd_dataset_writes_per_case_metrics(tmp_path):
     assert {"dice", "iou", "sensitivity", "precision", "hd95", "true_lesions", "detected_lesions"} <= set(rows[0])
     stats = json.loads((out / "metrics_summary.json").read_text())
     assert set(stats["per_class"]) == {"anterior", "posterior"} and "dice_std" in stats["per_class"]["anterior"]
+    # the post-processing decision is recorded with the validation scores behind it, in the summary and the model
+    summary = json.loads((out / "summary.json").read_text())
+    post = summary["postprocessing"]
+    assert set(post["validation"]) == {"anterior", "posterior"} and set(post["largest_component"]) <= {"anterior", "posterior"}
+    for name, v in post["validation"].items():
+        assert (name in post["largest_component"]) == (v["val_dice_largest"] > v["val_dice"])
+    ckpt = torch.load(out / "best_unet.pth", map_location="cpu", weights_only=True)
+    assert ckpt["postprocessing"] == post and ckpt["preprocessing"]["mirror_tta"] is True
+    assert summary["hd95_unit"] == "mm"
 
 
 def test_check_only_reports_volumes(tmp_path):

@@ -79,6 +79,24 @@ def test_resume_refuses_other_settings_and_missing_state(tmp_path):
     assert missing.returncode == 2 and "nothing to resume" in missing.stderr
 
 
+def test_resume_of_a_run_from_an_older_version_and_with_other_threads(tmp_path):
+    """A last.pth written before an option existed resumes (the option counts as its default);
+    --threads may differ between a run and its resume."""
+    import torch
+
+    out = tmp_path / "old"
+    assert _run(_cmd(out, "--epochs", "1")).returncode == 0
+    last = out / "last.pth"
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    for key in ("lr_schedule", "tta", "threads"):  # options added after the first release
+        ckpt["config"].pop(key)
+    torch.save(ckpt, last)
+    resumed = _run(_cmd(out, "--epochs", "2", "--resume", "--threads", "1"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resuming after epoch 1" in resumed.stderr
+    assert json.loads((out / "history.json").read_text(encoding="utf-8"))["epoch"] == [1, 2]
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo is exercised on Linux/macOS")
 def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     """2 ranks x batch 4 vs 1 process x batch 8: the same global batch. Documented tolerance: Dice within 0.05."""
