@@ -25,7 +25,7 @@ import medio
 import visualize
 from augment import Augmenter
 from errors import CheckpointError, ConfigError, InputError
-from inference import keep_largest, largest_component, predict_planes, probs_to_labels
+from inference import keep_largest, largest_classes, largest_component, predict_planes, probs_to_labels
 from metrics import best_threshold_dice, case_scores, per_case_scores, summarize
 from model import UNet, count_parameters
 from preprocess import WINDOW_PRESETS, Preprocessing, parse_labels, parse_window
@@ -235,9 +235,9 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
     best, _ = load_checkpoint(cfg.checkpoint, device)
     post = choose_postprocessing(evaluate_cases(best, sets["val"], prep, device, precision, cfg, hd=False,
                                                 compare_largest=True), prep)
-    largest = [k for k, n in enumerate(prep.class_names, 1) if n in post["largest_component"]]
     log.info("后处理 (在验证集上选择): 只保留最大连通域的类别 %s", post["largest_component"] or "无")
-    rows = evaluate_cases(best, sets["test"], prep, device, precision, cfg, hd=True, keep_pred=True, largest=largest)
+    rows = evaluate_cases(best, sets["test"], prep, device, precision, cfg, hd=True, keep_pred=True,
+                          largest=largest_classes(prep.class_names, post))
     write_case_csv(out_dir / "metrics_per_case.csv", rows)
     stats = summarize_rows(rows, prep)
     hd_unit = "mm" if all(c.meta.spacing_known for c in sets["test"]) else "px"  # plain photos have no spacing
@@ -302,7 +302,7 @@ def evaluate_cases(model: UNet, cases: list, prep: Preprocessing, device: torch.
     return rows
 
 
-def choose_postprocessing(rows: list[dict], prep: Preprocessing, min_gain: float = 0.0) -> dict:
+def choose_postprocessing(rows: list[dict], prep: Preprocessing) -> dict:
     """nnU-Net's habit: keep only the largest connected component of a class when that raises its mean
     validation Dice (rows from :func:`evaluate_cases` with ``compare_largest``). Decided on validation
     cases only, never on the test cases it is then applied to."""
@@ -311,7 +311,7 @@ def choose_postprocessing(rows: list[dict], prep: Preprocessing, min_gain: float
         rs = [r for r in rows if r["class"] == name]
         raw, big = float(np.mean([r["dice"] for r in rs])), float(np.mean([r["dice_largest"] for r in rs]))
         scores[name] = {"val_dice": raw, "val_dice_largest": big}
-        if big > raw + min_gain:
+        if big > raw:
             chosen.append(name)
     return {"largest_component": chosen, "validation": scores}
 

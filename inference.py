@@ -66,6 +66,13 @@ def keep_largest(labels: np.ndarray, classes) -> np.ndarray:
     return out
 
 
+def largest_classes(class_names: list[str], postprocessing: dict | None) -> list[int]:
+    """Classes (1-based) that a ``postprocessing`` record (from training, see ``experiments``) reduces to
+    their largest component."""
+    names = (postprocessing or {}).get("largest_component") or []
+    return [k for k, n in enumerate(class_names, 1) if n in names]
+
+
 @torch.inference_mode()
 def predict_planes(model: UNet, planes: np.ndarray, prep: Preprocessing, device: torch.device | str = "cpu",
                    precision: str = "fp32", overlap: float = 0.5, batch_size: int = 8,

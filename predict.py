@@ -73,7 +73,7 @@ from scipy import ndimage
 import medio
 import report as report_mod
 from errors import CheckpointError, ConfigError, InputError, MedSegError
-from inference import largest_component, predict_planes, probs_to_labels, tile_starts
+from inference import largest_classes, largest_component, predict_planes, probs_to_labels, tile_starts
 from model import fold_batchnorm
 from preprocess import WINDOW_PRESETS, Preprocessing, scaled_size, to_planes
 from train import load_checkpoint, resolve_precision, select_device
@@ -492,8 +492,7 @@ def settings_record(bundle: ModelBundle, meta: medio.ImageMeta, *, threshold: fl
 
 def learned_largest(bundle: ModelBundle) -> list[int]:
     """Classes (1-based) the training run reduces to their largest component (``postprocessing`` in the checkpoint)."""
-    names = ((bundle.info.get("postprocessing") or {}).get("largest_component")) or []
-    return [k for k, n in enumerate(bundle.prep.class_names, 1) if n in names]
+    return largest_classes(bundle.prep.class_names, bundle.info.get("postprocessing"))
 
 
 def class_probability(probs: np.ndarray | None, k: int, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -119,14 +119,7 @@ def write_series(folder: Path, raw: np.ndarray, *, spacing=(0.7, 0.6), gap=2.5, 
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one intra-op thread is as fast, and immune to oversubscription on a busy 2-core machine
-    (measured: 0.4 s instead of 15 s of training for the agreement test while another job was running)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
