@@ -62,7 +62,7 @@ def run_synthetic(cfg: TrainConfig) -> dict:
                          lambda m: evaluate(m, val.images, val.labels, eval_bs, device, precision, cfg.channels_last, cfg.threshold),
                          device, precision, {"preprocessing": synthetic_preprocessing(cfg).to_dict()}, dist_info)
     if not dist_info.main:
-        return {}
+        return finish_ranks(dist_info, {})
     visualize.plot_training_history(result.history, out_dir)
 
     # test: the best-validation checkpoint, reloaded from disk exactly as a user would
@@ -97,7 +97,15 @@ def run_synthetic(cfg: TrainConfig) -> dict:
     log.info("测试集 (%d 张): Dice %.4f | IoU %.4f | 敏感度 %.4f | 精确率 %.4f | 最佳全局阈值 Dice %.4f",
              len(test), s["dice"], s["iou"], s["sensitivity"], s["precision"], baseline_dice)
     log.info("全部完成! 图像与结果保存在 %s/, 模型 %s (%.1f s)", out_dir, cfg.checkpoint, summary["total_seconds"])
-    return summary
+    return finish_ranks(dist_info, summary)
+
+
+def finish_ranks(dist_info: DistInfo, result: dict) -> dict:
+    """Under torchrun, hold the other ranks until rank 0 has tested and written everything, so no process
+    tears down its gloo connection while another still holds it (that race aborted a rank now and then)."""
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()
+    return result
 
 
 #: options that may differ between a run and its --resume
@@ -229,7 +237,7 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
     extra = {"preprocessing": prep.to_dict(), "split": split}
     result = train_model(cfg, model, train_data, validate, device, precision, extra, dist_info, augment)
     if not dist_info.main:
-        return {}
+        return finish_ranks(dist_info, {})
     visualize.plot_training_history(result.history, out_dir)
 
     best, _ = load_checkpoint(cfg.checkpoint, device)
@@ -265,7 +273,7 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
                  name, pc["n"], pc["dice"], pc["dice_std"], pc["iou"], pc["hd95"], hd_unit, pc["detected_lesions"],
                  pc["true_lesions"], pc["false_positive_lesions"])
     log.info("全部完成! 结果保存在 %s/, 模型 %s (%.1f s)", out_dir, cfg.checkpoint, summary["total_seconds"])
-    return summary
+    return finish_ranks(dist_info, summary)
 
 
 def evaluate_cases(model: UNet, cases: list, prep: Preprocessing, device: torch.device, precision: str,
