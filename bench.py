@@ -136,7 +136,9 @@ def _loadavg() -> list[float] | None:
 
 
 def set_threads(threads: int) -> None:
-    """``torch.set_num_threads(threads)`` when ``threads > 0`` (0 keeps torch's default: the physical cores)."""
+    """``torch.set_num_threads(threads)`` when ``threads > 0`` (0 keeps torch's default: the physical cores),
+    and the allocator setting every training run uses (:func:`train.tune_allocator`)."""
+    train.tune_allocator()
     if threads > 0:
         torch.set_num_threads(threads)
 
@@ -281,13 +283,13 @@ def train_in_subprocess(cfg: TrainConfig, threads: int = 0) -> dict:
     return rec
 
 
-def run_default_pipeline(threads: int = 0, extra_args: list[str] | None = None) -> dict:
+def run_default_pipeline(threads: int = 0, extra_args: list[str] | None = None, extra_env: dict | None = None) -> dict:
     """The whole ``python run.py`` (defaults, outputs into a temporary folder): wall time, peak RSS, Dice, time to 0.95."""
     with tempfile.TemporaryDirectory(prefix="bench_run_") as tmp:
         out = Path(tmp) / "out"
         cmd = [sys.executable, str(ROOT / "run.py"), "--output-dir", str(out), "--checkpoint", str(Path(tmp) / "best.pth"),
                *(extra_args or [])]
-        res = run_process(cmd, cwd=tmp, env=_child_env(threads))
+        res = run_process(cmd, cwd=tmp, env={**_child_env(threads), **(extra_env or {})})
         _check(res, "python run.py")
         summary, history = _read_json(out / "summary.json") or {}, _read_json(out / "history.json") or {}
     rec = _training_record(summary, history)
@@ -565,25 +567,48 @@ def _random_split(n: int, size: int, channels: int = 1, seed: int = 0) -> ArrayD
                         (torch.rand(n, size, size, generator=g) > 0.9).to(torch.uint8))
 
 
+OPTIMIZERS = ("eager", "fused", "per_tensor")  # train.make_optimizer's EagerAdam, torch's fused Adam, its default
+
+
 def time_training_epoch(cfg: TrainConfig, n_images: int, precision: str, warmup_batches: int = 2,
-                        channels_last: bool | None = None, fused_adam: bool = True) -> dict:
+                        channels_last: bool | None = None, optimizer: str = "eager", small_map_wgrad: bool = True,
+                        compile_model: bool = False) -> dict:
     """Seconds of one ``train.train_one_epoch`` over ``n_images`` random images (after a warm-up), per image too.
-    ``fused_adam=False``: PyTorch's default per-tensor Adam instead of :func:`train.make_optimizer`'s."""
+
+    Levers: ``optimizer`` (:data:`OPTIMIZERS`), ``small_map_wgrad=False`` (every convolution on oneDNN's own
+    weight-gradient kernel: ``model.SMALL_MAP_PIXELS = 0``), ``compile_model`` (``torch.compile``; its
+    compile time, spent in the warm-up, is returned as ``compile_seconds``).
+    """
+    import model as model_module
+
     torch.manual_seed(cfg.seed)
     device = torch.device("cpu")
     channels_last = cfg.channels_last if channels_last is None else channels_last
     model = UNet(n_channels=1, n_classes=1, base_channels=cfg.base_channels, bilinear=cfg.bilinear)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    opt = make_optimizer(model, cfg.lr) if fused_adam else torch.optim.Adam(model.parameters(), lr=cfg.lr)
-    warm = make_loader(_random_split(cfg.batch_size * warmup_batches, cfg.image_size, seed=1), cfg.batch_size, True, cfg.seed)
-    train_one_epoch(model, warm, opt, device, precision, channels_last, progress=False)
-    data = make_loader(_random_split(n_images, cfg.image_size), cfg.batch_size, True, cfg.seed)
-    t0 = time.perf_counter()
-    train_one_epoch(model, data, opt, device, precision, channels_last, progress=False)
-    sec = time.perf_counter() - t0
+    opt = {"eager": lambda: make_optimizer(model, cfg.lr),
+           "fused": lambda: torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True),
+           "per_tensor": lambda: torch.optim.Adam(model.parameters(), lr=cfg.lr)}[optimizer]()
+    net = torch.compile(model) if compile_model else model
+    small_before = model_module.SMALL_MAP_PIXELS
+    model_module.SMALL_MAP_PIXELS = small_before if small_map_wgrad else 0
+    try:
+        warm = make_loader(_random_split(cfg.batch_size * warmup_batches, cfg.image_size, seed=1), cfg.batch_size, True, cfg.seed)
+        t0 = time.perf_counter()
+        train_one_epoch(net, warm, opt, device, precision, channels_last, progress=False)
+        warm_s = time.perf_counter() - t0
+        data = make_loader(_random_split(n_images, cfg.image_size), cfg.batch_size, True, cfg.seed)
+        t0 = time.perf_counter()
+        train_one_epoch(net, data, opt, device, precision, channels_last, progress=False)
+        sec = time.perf_counter() - t0
+    finally:
+        model_module.SMALL_MAP_PIXELS = small_before
     flops = 3 * conv_flops(model, (1, 1, cfg.image_size, cfg.image_size)) * n_images  # fwd + bwd ~ 3x fwd
-    return {"seconds": sec, "images": n_images, "seconds_per_image": sec / n_images, "gflops": flops / sec / 1e9}
+    rec = {"seconds": sec, "images": n_images, "seconds_per_image": sec / n_images, "gflops": flops / sec / 1e9}
+    if compile_model:
+        rec["compile_seconds"] = warm_s
+    return rec
 
 
 def training_gflops(size: int, base: int, batch: int, steps: int, precision: str) -> dict:
@@ -623,9 +648,9 @@ def reference_step_time(reference: ModuleType, size: int, base: int, batch: int,
             "batch_size": batch}
 
 
-def training_levers(plan: Plan) -> dict:
-    """ms/image of our training step at the post's settings for fp32/bf16 x NCHW/channels_last (fused Adam),
-    and the best of those with the default per-tensor Adam."""
+def training_levers(plan: Plan, compile_model: bool = False) -> dict:
+    """ms/image of our training step at the post's settings: fp32/bf16 x NCHW/channels_last, then the best
+    of those with each of this project's levers taken away in turn (and ``torch.compile`` added if asked)."""
     cfg = TrainConfig(**{k: plan.post[k] for k in ("image_size", "base_channels", "batch_size")})
     precisions = ["fp32"] + (["bf16"] if bf16_supported(torch.device("cpu")) else [])
     n = cfg.batch_size * plan.lever_steps
@@ -634,8 +659,15 @@ def training_levers(plan: Plan) -> dict:
         for cl in (False, True):
             rec = time_training_epoch(cfg, n, prec, channels_last=cl)
             out[f"{prec}_{'channels_last' if cl else 'nchw'}"] = 1000.0 * rec["seconds_per_image"]
-    rec = time_training_epoch(cfg, n, precisions[-1], channels_last=True, fused_adam=False)
-    out[f"{precisions[-1]}_channels_last_unfused_adam"] = 1000.0 * rec["seconds_per_image"]
+    best = f"{precisions[-1]}_channels_last"
+    for name, kwargs in (("torch_fused_adam", {"optimizer": "fused"}), ("per_tensor_adam", {"optimizer": "per_tensor"}),
+                         ("no_small_map_wgrad", {"small_map_wgrad": False})):
+        rec = time_training_epoch(cfg, n, precisions[-1], channels_last=True, **kwargs)
+        out[f"{best}_{name}"] = 1000.0 * rec["seconds_per_image"]
+    if compile_model:
+        rec = time_training_epoch(cfg, n, precisions[-1], channels_last=True, compile_model=True)
+        out[f"{best}_compiled"] = 1000.0 * rec["seconds_per_image"]
+        out["compile_seconds"] = rec["compile_seconds"]
     log.info("training levers (ms/image, post settings): %s", {k: round(v, 2) for k, v in out.items()})
     return out
 
@@ -890,7 +922,8 @@ def format_report(r: dict, targets: list[Target]) -> str:
         lines.append(f"{t.name:58} {f(t.ours, 4):>10} {f(t.reference, 4):>10} {f(t.value, 3):>8} "
                      f"{t.op}{f(t.goal, 3):>6}  {t.status}")
     lines += ["", f"{'training run':32} {'img/s':>8} {'img/s+eval':>10} {'test Dice':>9} {'s to .95':>8} {'wall s':>7} {'RSS MB':>7}"]
-    for key in ("train_post_fp32", "train_post_auto", "reference_post", "default_run", "rss_256", "reference_rss_256"):
+    for key in ("train_post_fp32", "train_post_auto", "reference_post", "default_run", "default_run_glibc_malloc",
+                "rss_256", "reference_rss_256"):
         rec = r.get(key)
         if rec:
             rss = rec.get("peak_rss_mb") if rec.get("peak_rss_mb_wait4") is None else rec["peak_rss_mb_wait4"]
@@ -898,6 +931,10 @@ def format_report(r: dict, targets: list[Target]) -> str:
             lines.append(f"{key:32} {f(rec.get('train_images_per_second'), 4):>8} "
                          f"{f(rec.get('train_images_per_second_incl_eval'), 4):>10} {f(dice, 4):>9} "
                          f"{f(rec.get('seconds_to_target'), 3):>8} {f(rec.get('wall_s'), 3):>7} {f(rss, 4):>7}")
+    levers = r.get("training_levers")
+    if levers:
+        lines += ["", "training ms/image at the post's settings (each lever taken away in turn from the best)"]
+        lines += [f"  {k:52} {f(v, 4):>8}" for k, v in levers.items()]
     inf = r.get("inference", {}).get("ms_per_image", {})
     if inf:
         keys = list(inf)
@@ -939,6 +976,8 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
         rounds.setdefault("train_post_fp32", []).append(train_in_subprocess(replace(post_cfg, precision="fp32"), threads))
         rounds.setdefault("train_post_auto", []).append(train_in_subprocess(replace(post_cfg, precision="auto"), threads))
         rounds.setdefault("default_run", []).append(run_default_pipeline(threads, plan.default_run_args))
+        rounds.setdefault("default_run_glibc_malloc", []).append(  # the allocator lever, taken away
+            run_default_pipeline(threads, plan.default_run_args, {"MEDSEG_MALLOC_TUNING": "0"}))
         rounds.setdefault("rss_256", []).append(train_in_subprocess(rss_cfg, threads))
         if baseline:
             log.info("round %d/%d: reference (B)", i + 1, repeats)
@@ -962,7 +1001,7 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
     if reference is not None:
         r["reference_training_gflops"] = reference_step_time(reference, plan.gflops_size, plan.gflops_base,
                                                              POST["batch_size"], max(2, plan.gflops_steps // 2))
-    r["training_levers"] = training_levers(plan)
+    r["training_levers"] = training_levers(plan, compile_model)
     r["scaling"] = scaling_curves(plan, precision, reference)
     r["scaling_figure"] = str(plot_scaling(r["scaling"], out_dir / "scaling.png"))
     r["precision_synthetic"] = precision_check_synthetic(plan.realistic, onnx=onnx)
@@ -988,7 +1027,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch threads for both pipelines (0 = torch default)")
     p.add_argument("--no-onnx", dest="onnx", action="store_false", help="skip the ONNX Runtime variant")
     p.add_argument("--compile", dest="compile_model", action="store_true",
-                   help="also time torch.compile (compile time reported separately; ~30 s per shape)")
+                   help="also time torch.compile for inference and for the training step (compile time reported "
+                        "separately; ~30 s per shape)")
     p.add_argument("--real-data", default=str(DEFAULT_REAL_DATA), help="Kvasir-SEG folder for the real-data Dice check")
     p.add_argument("--worker-train", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)

@@ -30,7 +30,7 @@ from metrics import best_threshold_dice, case_scores, per_case_scores, summarize
 from model import UNet, count_parameters
 from preprocess import WINDOW_PRESETS, Preprocessing, parse_labels, parse_window
 from train import (ArrayDataset, DistInfo, FitResult, TrainConfig, evaluate, fit, load_checkpoint, resolve_precision,
-                   select_device, set_seed, split_indices, update_checkpoint)
+                   select_device, set_seed, split_indices, tune_allocator, update_checkpoint)
 
 log = logging.getLogger("run")
 
@@ -109,11 +109,12 @@ def finish_ranks(dist_info: DistInfo, result: dict) -> dict:
 
 
 #: options that may differ between a run and its --resume
-RESUME_FREE = {"epochs", "resume", "progress", "device", "num_workers", "threads"}
+RESUME_FREE = {"epochs", "resume", "progress", "device", "num_workers", "threads", "checkpoint_every"}
 
 
 def setup_run(cfg: TrainConfig) -> tuple[torch.device, str, DistInfo]:
     """Device, numeric precision and, under ``torchrun``, the process group (gloo on CPU, NCCL on CUDA)."""
+    tune_allocator()
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     device = select_device(cfg.device)

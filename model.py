@@ -19,6 +19,68 @@ import torch.nn.functional as F
 MIN_INPUT_SIZE = 16  # four 2x poolings need at least 16 px to keep a 1x1 bottleneck
 
 
+#: feature maps of at most this many pixels get :class:`Conv3x3`'s matmul weight gradient when training
+SMALL_MAP_PIXELS = 64
+
+
+def _weight_grad_3x3(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """dL/dW of a 3x3, stride-1, padding-1 convolution as one matrix product (channels_last in and out).
+
+    ``x`` (N, C, H, W) and ``grad`` (N, O, H, W) are channels_last; the nine shifted views of the padded
+    input form an (N*H*W, 9*C) matrix whose column order is the channels_last weight layout (O, kh, kw, C).
+    """
+    c, h, w = x.shape[1:]
+    o = grad.shape[1]
+    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # N, H+2, W+2, C
+    cols = torch.cat([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], dim=3)  # N, H, W, 9C
+    gw = grad.permute(0, 2, 3, 1).reshape(-1, o).t() @ cols.reshape(-1, 9 * c)  # O, 9C
+    return gw.view(o, 3, 3, c).permute(0, 3, 1, 2)
+
+
+class _SmallMapConv3x3(torch.autograd.Function):
+    """3x3 same convolution: oneDNN forward and input gradient, weight gradient by :func:`_weight_grad_3x3`."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, padding=1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
+                                                         [True, False, False])[0]
+        if ctx.needs_input_grad[1]:
+            grad_w = _weight_grad_3x3(x, grad)
+        return grad_x, grad_w
+
+
+class Conv3x3(nn.Conv2d):
+    """``nn.Conv2d(in, out, 3, padding=1, bias=False)`` (same parameters and state dict), faster to train on
+    small maps on the CPU.
+
+    Why: on maps of <= :data:`SMALL_MAP_PIXELS` pixels (the 4x4 and 8x8 levels of a 64 px U-Net) oneDNN's
+    weight-gradient kernel has almost no pixels to work on: 2.7 ms for a 512->512 layer at 4x4, batch 4,
+    where the same sum as one matrix product takes a fraction of that. Forward and input gradient stay
+    oneDNN's. Used only on the CPU, in training, for channels_last input; everything else (inference,
+    CUDA, NCHW) is plain ``nn.Conv2d``.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (x.device.type != "cpu" or not torch.is_grad_enabled() or x.shape[-2] * x.shape[-1] > SMALL_MAP_PIXELS
+                or not x.is_contiguous(memory_format=torch.channels_last)):
+            return super().forward(x)
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        with torch.autocast("cpu", enabled=False):
+            return _SmallMapConv3x3.apply(x.to(dtype), self.weight.to(dtype))
+
+
 class DoubleConv(nn.Module):
     """(Conv3x3 -> BN -> ReLU) x 2."""
 
@@ -26,10 +88,10 @@ class DoubleConv(nn.Module):
         super().__init__()
         # no conv bias: the BatchNorm right after it has its own shift
         self.double_conv = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            Conv3x3(in_channels, out_channels),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
-            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            Conv3x3(out_channels, out_channels),
             nn.BatchNorm2d(out_channels),
             nn.ReLU(inplace=True),
         )
@@ -49,6 +111,18 @@ class Down(nn.Module):
         return self.maxpool_conv(x)
 
 
+class _ChannelsLastGrad(torch.autograd.Function):
+    """Identity whose backward hands on the gradient as a dense channels_last tensor."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous(memory_format=torch.channels_last)
+
+
 class Up(nn.Module):
     """Up-sample ``x1``, pad it to the skip ``x2``'s size, concatenate, DoubleConv.
 
@@ -66,6 +140,11 @@ class Up(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1 = self.up(x1)
+        if x1.requires_grad and x1.is_contiguous(memory_format=torch.channels_last):
+            # torch.cat's backward hands this branch a channel slice of the channels_last gradient, and
+            # upsample_bilinear2d_backward takes a slice to its NCHW kernel (two layout copies and a
+            # slower loop): 5.7 -> 1.4 ms of each training step at the default settings. Training only.
+            x1 = _ChannelsLastGrad.apply(x1)
         dy, dx = x2.size(2) - x1.size(2), x2.size(3) - x1.size(3)
         if dy or dx:  # odd sizes: pooling floored, so the up-sampled map is 1 px short
             x1 = F.pad(x1, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])

@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for PyTorch (0 = one per core); "
                    "1 is much faster when other jobs share the cores")
     p.add_argument("--resume", action="store_true", help="continue from last.pth in --output-dir (after a crash or Ctrl-C)")
+    p.add_argument("--checkpoint-every", type=float, default=d.checkpoint_every, metavar="SECONDS",
+                   help="write last.pth and the best model after the first and the last epoch, and in between once "
+                        "SECONDS have passed since the previous write (0 = every epoch); a crash loses at most that much")
     r = p.add_argument_group("real data (instead of synthetic images)")
     r.add_argument("--data", default=None, help="dataset folder: MSD imagesTr/labelsTr, images/+masks/ folders, or "
                    "PATIENT_DICOM+MASKS_DICOM; --image-size is then the square training patch")
