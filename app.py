@@ -1224,7 +1224,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860, help="port (0 < port < 65536)")
     p.add_argument("--lang", default="zh", choices=LANGS, help="initial page language (switchable on the page)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto = cuda > mps > cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"), help="inference precision")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="inference precision")
     p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="largest accepted upload")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default; "
                    "sends the page through Gradio's servers: never with patient data)")

@@ -76,7 +76,7 @@ from errors import CheckpointError, ConfigError, InputError, MedSegError
 from inference import largest_classes, largest_component, predict_planes, probs_to_labels, tile_starts
 from model import fold_batchnorm
 from preprocess import WINDOW_PRESETS, Preprocessing, scaled_size, to_planes
-from train import load_checkpoint, resolve_precision, select_device
+from train import PRECISIONS, load_checkpoint, resolve_precision, select_device
 
 log = logging.getLogger("predict")
 
@@ -1036,7 +1036,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-postprocess", action="store_true", help="raw thresholded masks: no hole filling, no size "
                    "filter, no largest-component step (the network's output as is)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto = cuda > mps > cpu")
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+    p.add_argument("--precision", default="auto", choices=PRECISIONS,
                    help="auto = bf16 autocast where the hardware supports it, else fp32")
     p.add_argument("--lang", default="zh", choices=("zh", "en"), help="language of the report and figure labels")
     p.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap for images larger than the patch")

@@ -16,7 +16,7 @@ import data_gen
 from errors import MedSegError
 from experiments import run_dataset, run_synthetic
 from preprocess import WINDOW_PRESETS
-from train import LR_SCHEDULES, TrainConfig, TrainingInterrupted
+from train import LR_SCHEDULES, PRECISIONS, TrainConfig, TrainingInterrupted
 
 log = logging.getLogger("run")
 
@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--difficulty", choices=data_gen.DIFFICULTIES, default=d.difficulty,
                    help="synthetic preset: 'seed' (the post's, threshold-solvable) or 'realistic'")
     p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device, help="auto = cuda > mps > cpu")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=d.precision,
-                   help="auto = bf16 autocast where the hardware supports it, else fp32")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="auto = bf16 autocast where the hardware supports it, fp16 + loss scaling on CUDA GPUs "
+                        "without bf16, else fp32")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     p.add_argument("--output-dir", default=d.output_dir, help="folder for figures, history.json and summary.json")
     p.add_argument("--checkpoint", default=d.checkpoint, help="where to save the best model")

@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "medseg-unet/1"
 LR_SCHEDULES = ("plateau", "poly")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass
@@ -48,7 +49,7 @@ class TrainConfig:
     seed: int = 42
     difficulty: str = "seed"
     device: str = "auto"
-    precision: str = "auto"  # auto: bf16 autocast where the CPU/GPU supports it, else fp32
+    precision: str = "auto"  # auto: bf16 autocast where supported, fp16 + GradScaler on older CUDA GPUs, else fp32
     channels_last: bool = True
     val_fraction: float = 0.1
     test_fraction: float = 0.2
@@ -98,8 +99,8 @@ class TrainConfig:
             problems.append("val_fraction and test_fraction must be in [0, 1) and sum to < 1")
         if self.lr_schedule not in LR_SCHEDULES:
             problems.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
-        if self.precision not in ("auto", "fp32", "bf16"):
-            problems.append(f"--precision must be auto, fp32 or bf16 (got {self.precision!r})")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision must be one of {', '.join(PRECISIONS)} (got {self.precision!r})")
         if problems:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
 
@@ -165,19 +166,28 @@ def bf16_supported(device: torch.device) -> bool:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """Turn ``auto`` into ``bf16`` or ``fp32`` for this device; refuse bf16 where it is not supported."""
+    """Turn ``auto`` into ``bf16`` (where supported), ``fp16`` (CUDA GPUs without bf16, e.g. V100 / T4:
+    fp16 tensor cores, trained with a GradScaler) or ``fp32``; refuse a precision the device lacks."""
     if precision == "auto":
-        return "bf16" if bf16_supported(device) else "fp32"
+        return "bf16" if bf16_supported(device) else ("fp16" if device.type == "cuda" else "fp32")
     if precision == "bf16" and not bf16_supported(device):
         raise ConfigError(f"--precision bf16 is not supported on {device} (use fp32 or auto)")
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError(f"--precision fp16 is for CUDA GPUs; on {device} use bf16 where supported, fp32 or auto")
     return precision
 
 
 def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """bf16 autocast context for ``precision == 'bf16'``, else a no-op."""
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    """bf16 / fp16 autocast context for those precisions, else a no-op."""
+    if precision in ("bf16", "fp16"):
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
     return contextlib.nullcontext()
+
+
+def make_grad_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """Loss scaling for fp16 (its 5 exponent bits underflow small gradients); disabled (a no-op) otherwise:
+    bf16 has fp32's exponent range."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 # ---------------------------------------------------------------------------------------- data
@@ -241,8 +251,10 @@ def _to_device(x: torch.Tensor, device: torch.device, channels_last: bool) -> to
 
 def train_one_epoch(model: UNet, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
                     precision: str = "fp32", channels_last: bool = False, desc: str = "",
-                    progress: bool = True, augment: Callable | None = None) -> float:
-    """One pass over ``loader``; returns the mean training loss per image."""
+                    progress: bool = True, augment: Callable | None = None,
+                    scaler: torch.amp.GradScaler | None = None) -> float:
+    """One pass over ``loader``; returns the mean training loss per image. ``scaler``: fp16's GradScaler
+    (a step whose scaled gradients overflow is skipped and the scale halved)."""
     model.train()
     total, count = 0.0, 0
     with tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch") as bar:
@@ -254,8 +266,13 @@ def train_one_epoch(model: UNet, loader: DataLoader, optimizer: torch.optim.Opti
             with autocast(device, precision):
                 logits = model(images)
             loss = segmentation_loss(logits, labels)
-            loss.backward()
-            optimizer.step()
+            if scaler is not None and scaler.is_enabled():
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
             total += loss.item() * len(images)
             count += len(images)
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -564,6 +581,7 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
         sampler = DistributedSampler(train_data, dist_info.world_size, dist_info.rank, shuffle=True, seed=cfg.seed)
     optimizer = make_optimizer(model, cfg.lr)
     scheduler = make_scheduler(optimizer, cfg)
+    scaler = make_grad_scaler(device, precision)
     loader = make_loader(train_data, cfg.batch_size, True, cfg.seed, cfg.num_workers, sampler)
     gen = loader.generator
     res = FitResult(history={k: [] for k in ("epoch", "train_loss", "val_loss", "val_dice", "val_iou",
@@ -573,6 +591,8 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
     if resume:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
+        if resume.get("grad_scaler"):
+            scaler.load_state_dict(resume["grad_scaler"])
         res.history, res.best_epoch, res.best_val = resume["history"], resume["best_epoch"], resume["best_val"]
         best_key, start, spent = tuple(resume["best_key"]), resume["epoch"] + 1, resume["train_seconds"]
         set_rng_state(resume["rng"])
@@ -593,7 +613,7 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
                 augment.reseed(cfg.seed * 100_003 + epoch)
             train_loss = train_one_epoch(net, loader, optimizer, device, precision, cfg.channels_last,
                                          desc=f"Epoch {epoch}/{cfg.epochs}", progress=cfg.progress and dist_info.main,
-                                         augment=augment)
+                                         augment=augment, scaler=scaler)
             train_loss = _mean_over_ranks(train_loss, dist_info, device)
             val = validate(model) if dist_info.main else None
             if dist_info.world_size > 1:  # every rank takes rank 0's validation, so all schedulers agree
@@ -624,7 +644,8 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
                     state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                              "history": res.history, "best_epoch": res.best_epoch, "best_val": res.best_val,
                              "best_key": list(best_key), "epoch": epoch, "train_seconds": time.perf_counter() - t_start,
-                             "train_cpu_seconds": time.process_time() - cpu_start, "rng": rng_state()}
+                             "train_cpu_seconds": time.process_time() - cpu_start, "rng": rng_state(),
+                             "grad_scaler": scaler.state_dict() if scaler.is_enabled() else {}}
                     save_checkpoint(last_path, model, cfg, epoch, res.best_val, {**(extra_checkpoint or {}), "resume": state})
                 saved_epoch, last_write = epoch, time.perf_counter()
             if dist_info.main:

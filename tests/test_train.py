@@ -1,4 +1,5 @@
 """Checkpoints, splits, devices and config validation."""
+import math
 import os
 import pickle
 
@@ -174,3 +175,34 @@ def test_allocator_tuning_takes_on_linux():
     import sys
     from train import tune_allocator
     assert tune_allocator() is sys.platform.startswith("linux")
+
+
+def test_fp16_is_for_cuda_and_auto_picks_it_on_gpus_without_bf16(monkeypatch):
+    import train
+    with pytest.raises(ConfigError, match="fp16 is for CUDA"):
+        resolve_precision("fp16", torch.device("cpu"))
+    monkeypatch.setattr(train, "bf16_supported", lambda device: False)
+    assert resolve_precision("auto", torch.device("cuda")) == "fp16"  # e.g. V100 / T4
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert not train.make_grad_scaler(torch.device("cpu"), "bf16").is_enabled()
+
+
+def test_fp16_grad_scaler_skips_overflowing_steps_and_trains_otherwise():
+    """The loss-scaling loop of train_one_epoch, run with CPU fp16 autocast (CUDA's path, minus the GPU)."""
+    from train import make_optimizer, train_one_epoch
+    torch.manual_seed(0)
+    model = UNet(base_channels=4)
+    opt = make_optimizer(model, 1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    data = make_loader(ArrayDataset(torch.rand(8, 1, 32, 32), (torch.rand(8, 32, 32) > 0.7).to(torch.uint8)), 4, True, 0)
+    before = [p.detach().clone() for p in model.parameters()]
+    model.inc.double_conv[0].weight.register_hook(lambda g: g * float("inf"))  # every step overflows
+    train_one_epoch(model, data, opt, torch.device("cpu"), "fp16", progress=False, scaler=scaler)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters())), "an overflowing step must be skipped"
+    assert scaler.get_scale() == 2.0 ** 14  # halved once per skipped step (2 batches)
+    model = UNet(base_channels=4)
+    opt = make_optimizer(model, 1e-3)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train_one_epoch(model, data, opt, torch.device("cpu"), "fp16", progress=False,
+                           scaler=torch.amp.GradScaler("cpu"))
+    assert math.isfinite(loss) and not all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
