@@ -572,11 +572,12 @@ OPTIMIZERS = ("eager", "fused", "per_tensor")  # train.make_optimizer's EagerAda
 
 def time_training_epoch(cfg: TrainConfig, n_images: int, precision: str, warmup_batches: int = 2,
                         channels_last: bool | None = None, optimizer: str = "eager", small_map_wgrad: bool = True,
-                        compile_model: bool = False) -> dict:
+                        dense_upsample_grad: bool = True, compile_model: bool = False) -> dict:
     """Seconds of one ``train.train_one_epoch`` over ``n_images`` random images (after a warm-up), per image too.
 
     Levers: ``optimizer`` (:data:`OPTIMIZERS`), ``small_map_wgrad=False`` (every convolution on oneDNN's own
-    weight-gradient kernel: ``model.SMALL_MAP_PIXELS = 0``), ``compile_model`` (``torch.compile``; its
+    weight-gradient kernel: ``model.SMALL_MAP_PIXELS = 0``), ``dense_upsample_grad=False`` (the up-sampled
+    branch gets cat's channel-slice gradient as it comes), ``compile_model`` (``torch.compile``; its
     compile time, spent in the warm-up, is returned as ``compile_seconds``).
     """
     import model as model_module
@@ -591,8 +592,10 @@ def time_training_epoch(cfg: TrainConfig, n_images: int, precision: str, warmup_
            "fused": lambda: torch.optim.Adam(model.parameters(), lr=cfg.lr, fused=True),
            "per_tensor": lambda: torch.optim.Adam(model.parameters(), lr=cfg.lr)}[optimizer]()
     net = torch.compile(model) if compile_model else model
-    small_before = model_module.SMALL_MAP_PIXELS
+    small_before, dense_before = model_module.SMALL_MAP_PIXELS, model_module._ChannelsLastGrad.apply
     model_module.SMALL_MAP_PIXELS = small_before if small_map_wgrad else 0
+    if not dense_upsample_grad:
+        model_module._ChannelsLastGrad.apply = staticmethod(lambda x: x)
     try:
         warm = make_loader(_random_split(cfg.batch_size * warmup_batches, cfg.image_size, seed=1), cfg.batch_size, True, cfg.seed)
         t0 = time.perf_counter()
@@ -604,6 +607,7 @@ def time_training_epoch(cfg: TrainConfig, n_images: int, precision: str, warmup_
         sec = time.perf_counter() - t0
     finally:
         model_module.SMALL_MAP_PIXELS = small_before
+        model_module._ChannelsLastGrad.apply = dense_before
     flops = 3 * conv_flops(model, (1, 1, cfg.image_size, cfg.image_size)) * n_images  # fwd + bwd ~ 3x fwd
     rec = {"seconds": sec, "images": n_images, "seconds_per_image": sec / n_images, "gflops": flops / sec / 1e9}
     if compile_model:
@@ -619,6 +623,38 @@ def training_gflops(size: int, base: int, batch: int, steps: int, precision: str
     log.info("training %dpx base %d batch %d %s: %.0f GFLOP/s (conv, fwd+bwd = 3x fwd)", size, base, batch,
              precision, rec["gflops"])
     return rec
+
+
+def conv_bound(size: int, base: int, batch: int, precision: str, min_seconds: float = 0.2) -> dict:
+    """GFLOP/s the training step would reach if only its convolutions took time.
+
+    Every convolution of the U-Net at ``size`` px is timed alone (channels_last, forward + input and weight
+    gradient, the layer's real shapes; :class:`model.Conv3x3` keeps its small-map path). The sum is the
+    step's convolution time; the achieved GFLOP/s of :func:`training_gflops` divided by this bound says
+    how much of the gap to the peak is everything else (BatchNorm, ReLU, pooling, casts, the optimizer).
+    """
+    model = UNet(n_channels=1, n_classes=1, base_channels=base).to(memory_format=torch.channels_last)
+    shapes: list[tuple[nn.Conv2d, tuple[int, ...]]] = []
+    handles = [m.register_forward_hook(lambda mod, inp, out: shapes.append((mod, tuple(inp[0].shape))))
+               for m in model.modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        model(torch.zeros(1, 1, size, size).to(memory_format=torch.channels_last))
+    for h in handles:
+        h.remove()
+    total_s = 0.0
+    for conv, shape in shapes:
+        x = torch.randn(batch, *shape[1:]).to(memory_format=torch.channels_last).requires_grad_(shape[1] > 1)
+
+        def step(conv=conv, x=x):
+            conv.weight.grad = None
+            with train.autocast(torch.device("cpu"), precision):
+                y = conv(x)
+            y.backward(torch.ones_like(y))
+
+        total_s += _timeit(step, min_seconds, max_iters=200)
+    flops = 3 * conv_flops(model, (1, 1, size, size)) * batch
+    return {"conv_seconds_per_step": total_s, "gflops": flops / total_s / 1e9, "image_size": size,
+            "base_channels": base, "batch_size": batch}
 
 
 def reference_step_time(reference: ModuleType, size: int, base: int, batch: int, steps: int) -> dict:
@@ -661,7 +697,8 @@ def training_levers(plan: Plan, compile_model: bool = False) -> dict:
             out[f"{prec}_{'channels_last' if cl else 'nchw'}"] = 1000.0 * rec["seconds_per_image"]
     best = f"{precisions[-1]}_channels_last"
     for name, kwargs in (("torch_fused_adam", {"optimizer": "fused"}), ("per_tensor_adam", {"optimizer": "per_tensor"}),
-                         ("no_small_map_wgrad", {"small_map_wgrad": False})):
+                         ("no_small_map_wgrad", {"small_map_wgrad": False}),
+                         ("no_dense_upsample_grad", {"dense_upsample_grad": False})):
         rec = time_training_epoch(cfg, n, precisions[-1], channels_last=True, **kwargs)
         out[f"{best}_{name}"] = 1000.0 * rec["seconds_per_image"]
     if compile_model:
@@ -921,16 +958,21 @@ def format_report(r: dict, targets: list[Target]) -> str:
     for t in targets:
         lines.append(f"{t.name:58} {f(t.ours, 4):>10} {f(t.reference, 4):>10} {f(t.value, 3):>8} "
                      f"{t.op}{f(t.goal, 3):>6}  {t.status}")
-    lines += ["", f"{'training run':32} {'img/s':>8} {'img/s+eval':>10} {'test Dice':>9} {'s to .95':>8} {'wall s':>7} {'RSS MB':>7}"]
+    lines += ["", f"{'training run':36} {'img/s':>8} {'img/s+eval':>10} {'test Dice':>9} {'s to .95':>8} {'wall s':>7} {'RSS MB':>7}"]
     for key in ("train_post_fp32", "train_post_auto", "reference_post", "default_run", "default_run_glibc_malloc",
-                "rss_256", "reference_rss_256"):
+                "default_run_checkpoint_every_epoch", "rss_256", "reference_rss_256"):
         rec = r.get(key)
         if rec:
             rss = rec.get("peak_rss_mb") if rec.get("peak_rss_mb_wait4") is None else rec["peak_rss_mb_wait4"]
             dice = rec.get("test_dice", rec.get("final_dice"))
-            lines.append(f"{key:32} {f(rec.get('train_images_per_second'), 4):>8} "
+            lines.append(f"{key:36} {f(rec.get('train_images_per_second'), 4):>8} "
                          f"{f(rec.get('train_images_per_second_incl_eval'), 4):>10} {f(dice, 4):>9} "
                          f"{f(rec.get('seconds_to_target'), 3):>8} {f(rec.get('wall_s'), 3):>7} {f(rss, 4):>7}")
+    tg, bound = r.get("training_gflops"), r.get("training_conv_bound")
+    if tg and bound:
+        lines += ["", (f"training GFLOP/s at {bound['image_size']} px base {bound['base_channels']} batch "
+                       f"{bound['batch_size']}: {tg['gflops']:.0f} achieved; {bound['gflops']:.0f} if only its "
+                       f"convolutions took time (each timed alone)")]
     levers = r.get("training_levers")
     if levers:
         lines += ["", "training ms/image at the post's settings (each lever taken away in turn from the best)"]
@@ -978,6 +1020,8 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
         rounds.setdefault("default_run", []).append(run_default_pipeline(threads, plan.default_run_args))
         rounds.setdefault("default_run_glibc_malloc", []).append(  # the allocator lever, taken away
             run_default_pipeline(threads, plan.default_run_args, {"MEDSEG_MALLOC_TUNING": "0"}))
+        rounds.setdefault("default_run_checkpoint_every_epoch", []).append(  # the checkpoint cadence, taken away
+            run_default_pipeline(threads, [*plan.default_run_args, "--checkpoint-every", "0"]))
         rounds.setdefault("rss_256", []).append(train_in_subprocess(rss_cfg, threads))
         if baseline:
             log.info("round %d/%d: reference (B)", i + 1, repeats)
@@ -996,6 +1040,9 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
     r["conv_peak"] = conv_peak(plan.peak_shapes, plan.peak_seconds)
     per_batch = [training_gflops(plan.gflops_size, plan.gflops_base, b, plan.gflops_steps, precision)
                  for b in plan.gflops_batches]
+    best_batch = max(per_batch, key=lambda rec: rec["gflops"])["batch_size"]
+    r["training_conv_bound"] = conv_bound(plan.gflops_size, plan.gflops_base, best_batch, precision,
+                                          0.05 if plan.quick else 0.2)
     r["training_gflops"] = {**max(per_batch, key=lambda rec: rec["gflops"]),
                             "per_batch": {rec["batch_size"]: rec["gflops"] for rec in per_batch}}
     if reference is not None:

@@ -73,8 +73,9 @@ class Conv3x3(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or not torch.is_grad_enabled() or x.shape[-2] * x.shape[-1] > SMALL_MAP_PIXELS
-                or not x.is_contiguous(memory_format=torch.channels_last)):
+        if (x.device.type != "cpu" or not torch.is_grad_enabled() or not self.weight.requires_grad
+                or self.bias is not None  # a BatchNorm-folded copy (model.fold_batchnorm) has a bias
+                or x.shape[-2] * x.shape[-1] > SMALL_MAP_PIXELS or not x.is_contiguous(memory_format=torch.channels_last)):
             return super().forward(x)
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         with torch.autocast("cpu", enabled=False):

@@ -107,3 +107,14 @@ def test_upsampled_branch_gets_a_dense_channels_last_gradient():
     finally:
         torch.nn.Upsample.forward = orig
     assert seen == [True]
+
+
+def test_conv3x3_folded_copy_keeps_its_bias_with_grad_enabled():
+    from model import UNet, fold_batchnorm
+    torch.manual_seed(0)
+    model = UNet(base_channels=4).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 1, 32, 32).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want = model(x)
+    got = fold_batchnorm(model)(x)  # grad mode on: the folded convolutions must still add their bias
+    torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-4)
