@@ -116,10 +116,10 @@ def tune_allocator() -> bool:
     """Keep freed tensor memory in the process instead of handing it back to the OS (glibc only).
 
     Why: glibc returns every freed block above 128 kB to the kernel, so each training step's activations
-    come back as fresh pages that the kernel must fault in and zero: 430 000 page faults and 0.7 s of
-    system time in a default run. Raising the mmap threshold to its maximum (32 MB) and the trim
-    threshold to 1 GB (both are needed: either alone makes it worse) cuts that to 110 000 and the run
-    by about 1 s; peak memory is unchanged. Intel's PyTorch CPU guide gets the same with jemalloc or
+    come back as fresh pages that the kernel must fault in and zero: 300 000-590 000 page faults and up
+    to 1 s of system time in a default run (``/usr/bin/time -v python run.py``). Raising the mmap threshold to its maximum (32 MB) and the trim
+    threshold to 1 GB (both are needed: either alone makes it worse) cuts that to 110 000; ``bench.py``'s
+    default run goes from 12.1 to 11.7 s wall (12.7 -> 12.5 s in a second run); peak memory is unchanged. Intel's PyTorch CPU guide gets the same with jemalloc or
     tcmalloc. Returns False where there is no glibc ``mallopt`` (macOS, Windows, musl) or the environment
     sets ``MEDSEG_MALLOC_TUNING=0`` (to compare, or when preloading jemalloc / tcmalloc instead).
     """
@@ -477,7 +477,7 @@ class EagerAdam(torch.optim.Adam):
 
     * Channels_last 4-D tensors reach the kernel as plain contiguous views. The fused CPU kernel calls
       ``grad.contiguous()``, which for a channels_last gradient copies every convolution's gradient on
-      every step (at the post's settings, base 64 batch 4, 7 of the 15 ms of each step).
+      every step (``bench.py``'s levers at the post's settings, base 64 batch 4: 23.4 -> 21.7 ms/image).
       ``permute(0, 2, 3, 1)`` of a channels_last tensor is contiguous and shares its memory, and Adam
       is elementwise, so updating the permuted views is the same update.
     * ``step`` skips ``Adam.step``'s wrapper, which imports ``torch._dynamo`` (0.65 s, 5 % of a default
@@ -562,7 +562,8 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
     first and the last epoch and whenever ``cfg.checkpoint_every`` seconds have passed since the previous
     write; the best checkpoint is written at the same moments (held in memory in between), so the two
     files always agree. Why not every epoch: serialising weights + Adam state costs about 50 ms, 6 % of a
-    default epoch, and a crash loses at most ``checkpoint_every`` seconds of training. Batch order and augmentation are seeded per epoch, so a resumed run repeats
+    default epoch, and a crash loses at most ``checkpoint_every`` seconds of training. Batch order and
+    augmentation are seeded per epoch, so a resumed run repeats
     exactly what the uninterrupted run would have done. Under torchrun (``dist_info.world_size > 1``)
     the model is wrapped in DistributedDataParallel, each rank trains on its share of every epoch,
     losses are averaged over ranks, and rank 0 validates, saves and broadcasts its decision.
