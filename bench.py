@@ -1053,11 +1053,10 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
     r["conv_peak"] = conv_peak(plan.peak_shapes, plan.peak_seconds)
     per_batch = [training_gflops(plan.gflops_size, plan.gflops_base, b, plan.gflops_steps, precision)
                  for b in plan.gflops_batches]
-    best_batch = max(per_batch, key=lambda rec: rec["gflops"])["batch_size"]
-    r["training_conv_bound"] = conv_bound(plan.gflops_size, plan.gflops_base, best_batch, precision,
+    best = max(per_batch, key=lambda rec: rec["gflops"])
+    r["training_gflops"] = {**best, "per_batch": {rec["batch_size"]: rec["gflops"] for rec in per_batch}}
+    r["training_conv_bound"] = conv_bound(plan.gflops_size, plan.gflops_base, best["batch_size"], precision,
                                           0.05 if plan.quick else 0.2)
-    r["training_gflops"] = {**max(per_batch, key=lambda rec: rec["gflops"]),
-                            "per_batch": {rec["batch_size"]: rec["gflops"] for rec in per_batch}}
     if reference is not None:
         r["reference_training_gflops"] = reference_step_time(reference, plan.gflops_size, plan.gflops_base,
                                                              POST["batch_size"], max(2, plan.gflops_steps // 2))

@@ -7,6 +7,7 @@ is chosen on validation Dice and the LR scheduler steps on validation loss.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import math
 import os
@@ -117,10 +118,11 @@ def tune_allocator() -> bool:
 
     Why: glibc returns every freed block above 128 kB to the kernel, so each training step's activations
     come back as fresh pages that the kernel must fault in and zero: 300 000-590 000 page faults and up
-    to 1 s of system time in a default run (``/usr/bin/time -v python run.py``). Raising the mmap threshold to its maximum (32 MB) and the trim
-    threshold to 1 GB (both are needed: either alone makes it worse) cuts that to 110 000; ``bench.py``'s
-    default run goes from 12.1 to 11.7 s wall (12.7 -> 12.5 s in a second run); peak memory is unchanged. Intel's PyTorch CPU guide gets the same with jemalloc or
-    tcmalloc. Returns False where there is no glibc ``mallopt`` (macOS, Windows, musl) or the environment
+    to 1 s of system time in a default run (``/usr/bin/time -v python run.py``). Raising the mmap
+    threshold to its maximum (32 MB) and the trim threshold to 1 GB (both are needed: either alone makes
+    it worse) cuts that to 110 000; ``bench.py``'s default run goes from 12.1 to 11.7 s wall (12.7 ->
+    12.5 s in a second run); peak memory is unchanged. Intel's PyTorch CPU guide gets the same with
+    jemalloc or tcmalloc. Returns False where there is no glibc ``mallopt`` (macOS, Windows, musl) or the environment
     sets ``MEDSEG_MALLOC_TUNING=0`` (to compare, or when preloading jemalloc / tcmalloc instead).
     """
     import ctypes
@@ -332,17 +334,7 @@ def checkpoint_dict(model: UNet, config: TrainConfig, epoch: int, metrics: dict,
     }
     if extra:
         ckpt.update(_plain(extra))
-    return _clone_tensors(ckpt) if snapshot else ckpt
-
-
-def _clone_tensors(obj):
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _clone_tensors(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_clone_tensors(v) for v in obj)
-    return obj
+    return copy.deepcopy(ckpt) if snapshot else ckpt
 
 
 def save_checkpoint(path: str | os.PathLike, model: UNet, config: TrainConfig, epoch: int,
@@ -480,7 +472,7 @@ class EagerAdam(torch.optim.Adam):
       every step (``bench.py``'s levers at the post's settings, base 64 batch 4: 23.4 -> 21.7 ms/image).
       ``permute(0, 2, 3, 1)`` of a channels_last tensor is contiguous and shares its memory, and Adam
       is elementwise, so updating the permuted views is the same update.
-    * ``step`` skips ``Adam.step``'s wrapper, which imports ``torch._dynamo`` (0.65 s, 5 % of a default
+    * ``step`` skips ``Adam.step``'s wrapper, which imports ``torch._dynamo`` (0.65-0.84 s, 5-7 % of a default
       run) to mark graph breaks for ``torch.compile``; this step is never compiled. Like the wrapper, it
       runs the update under ``no_grad``. See also :func:`_skip_dynamo_import`.
     """
@@ -502,7 +494,7 @@ class EagerAdam(torch.optim.Adam):
 
 
 def _skip_dynamo_import() -> None:
-    """Let ``torch.optim`` run without importing ``torch._dynamo`` (0.65 s of a 12 s default run).
+    """Let ``torch.optim`` run without importing ``torch._dynamo`` (0.65-0.84 s of a 12 s default run).
 
     Why: ``Optimizer.__init__`` / ``zero_grad`` / ``state_dict`` / ``load_state_dict`` are wrapped by
     ``torch._disable_dynamo``, whose first call imports the whole compiler stack only to mark the
@@ -561,8 +553,9 @@ def fit(model: UNet, train_data: Dataset, validate: Callable[[UNet], dict], cfg:
     ``last_path``: everything needed to continue (``resume`` = its ``"resume"`` entry), written after the
     first and the last epoch and whenever ``cfg.checkpoint_every`` seconds have passed since the previous
     write; the best checkpoint is written at the same moments (held in memory in between), so the two
-    files always agree. Why not every epoch: serialising weights + Adam state costs about 50 ms, 6 % of a
-    default epoch, and a crash loses at most ``checkpoint_every`` seconds of training. Batch order and
+    files always agree. Why not every epoch: serialising weights + Adam state every epoch made
+    ``bench.py``'s default run 12.5 instead of 11.7 s, and a crash loses at most ``checkpoint_every``
+    seconds of training. Batch order and
     augmentation are seeded per epoch, so a resumed run repeats
     exactly what the uninterrupted run would have done. Under torchrun (``dist_info.world_size > 1``)
     the model is wrapped in DistributedDataParallel, each rank trains on its share of every epoch,
