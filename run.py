@@ -16,24 +16,38 @@ import data_gen
 from errors import MedSegError
 from experiments import run_dataset, run_synthetic
 from preprocess import WINDOW_PRESETS
-from train import LR_SCHEDULES, PRECISIONS, TrainConfig, TrainingInterrupted
+from train import LR_SCHEDULES, PRECISIONS, TASK_DEFAULTS, TrainConfig, TrainingInterrupted
 
 log = logging.getLogger("run")
 
 __all__ = ["build_parser", "main", "run_dataset", "run_synthetic"]
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """States each default, except for on/off flags and where the help text says it (defaults that depend on
+    the data)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        plain = action.default is None or action.nargs == 0
+        return action.help if plain else super()._get_help_string(action)
+
+
+def _task_default(name: str) -> str:
+    return f"{TASK_DEFAULTS['seed'][name]:g} for the seed preset, {TASK_DEFAULTS['other'][name]:g} for realistic and --data"
+
+
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
     p = argparse.ArgumentParser(description="Train a U-Net on synthetic organ + lesion images (医学影像分割).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="synthetic images in total (train+val+test)")
     p.add_argument("--image-size", type=int, default=d.image_size, help="image height and width in pixels (>= 16)")
-    p.add_argument("--base-channels", type=int, default=d.base_channels, help="U-Net width of the first level")
+    p.add_argument("--base-channels", type=int, default=None,
+                   help=f"U-Net width of the first level (default: {_task_default('base_channels')})")
     p.add_argument("--no-bilinear", dest="bilinear", action="store_false", help="up-sample with transposed convolutions")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
-    p.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {_task_default('lr')})")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="plateau: halve the LR when the validation loss stalls (2 epochs); poly: decay to 0 over --epochs")
     p.add_argument("--seed", type=int, default=d.seed, help="seed for data, split, weights and batch order")

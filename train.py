@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "medseg-unet/1"
 LR_SCHEDULES = ("plateau", "poly")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+#: width and learning rate of runs that leave them at None, by task (measured, see the README's performance
+#: section): on the post's threshold-solvable ``seed`` preset a 16-wide U-Net at 3e-3 reaches the same test Dice
+#: as a 32-wide one at 1e-3 in half the time; the ``realistic`` preset and real scans need the 32-wide one
+TASK_DEFAULTS = {"seed": {"base_channels": 16, "lr": 3e-3}, "other": {"base_channels": 32, "lr": 1e-3}}
 
 
 @dataclass
@@ -43,10 +47,10 @@ class TrainConfig:
     epochs: int = 10
     num_samples: int = 200
     image_size: int = 64
-    base_channels: int = 32
+    base_channels: int | None = None  # None: TASK_DEFAULTS (16 for the seed preset, else 32)
     bilinear: bool = True
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float | None = None  # None: TASK_DEFAULTS (3e-3 for the seed preset, else 1e-3)
     seed: int = 42
     difficulty: str = "seed"
     device: str = "auto"
@@ -81,6 +85,17 @@ class TrainConfig:
     tta: bool = False  # mirror test-time augmentation at test and in predict.py (not in per-epoch validation)
     max_cases: int = 0  # 0 = all cases (a smaller number for quick experiments)
     resume: bool = False  # continue from last.pth in output_dir
+
+    def __post_init__(self) -> None:
+        task = "seed" if self.difficulty == "seed" and not self.real_data else "other"
+        for name, value in TASK_DEFAULTS[task].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
+
+    @property
+    def real_data(self) -> bool:
+        """True when the run reads a dataset (``--data`` / ``--images-dir``) instead of generating images."""
+        return bool(self.data or self.images_dir)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` listing every invalid value at once."""

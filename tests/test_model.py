@@ -118,3 +118,59 @@ def test_conv3x3_folded_copy_keeps_its_bias_with_grad_enabled():
         want = model(x)
     got = fold_batchnorm(model)(x)  # grad mode on: the folded convolutions must still add their bias
     torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-4)
+
+
+def test_batchnorm_running_stats_are_a_debiased_average():
+    """Batches of constant 1, 2, 3: the running mean is the momentum-weighted mean of the batches alone
+    (hand-computed), not pulled towards the initial 0; the training output is plain BatchNorm's."""
+    from model import BatchNorm2d
+
+    bn, plain = BatchNorm2d(1, momentum=0.1), torch.nn.BatchNorm2d(1, momentum=0.1)
+    for v, expected in ((1.0, 1.0), (2.0, (0.09 * 1 + 0.1 * 2) / 0.19), (3.0, (0.081 * 1 + 0.09 * 2 + 0.1 * 3) / 0.271)):
+        x = torch.full((2, 1, 3, 3), v) + torch.tensor([[[[0.0]]], [[[1.0]]]])  # batch mean v + 0.5, variance > 0
+        assert torch.equal(bn(x), plain(x))
+        assert bn.running_mean.item() == pytest.approx(expected + 0.5, rel=1e-6)
+    assert bn.num_batches_tracked.item() == 3
+    assert set(bn.state_dict()) == set(plain.state_dict())
+
+
+def test_batchnorm_matches_plain_update_after_the_debias_steps():
+    from model import BatchNorm2d
+
+    bn, plain = BatchNorm2d(4), torch.nn.BatchNorm2d(4)
+    bn.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        bn.num_batches_tracked.fill_(BatchNorm2d.DEBIAS_STEPS)
+        plain.num_batches_tracked.fill_(BatchNorm2d.DEBIAS_STEPS)
+        x = torch.randn(8, 4, 5, 5)
+        bn(x), plain(x)
+    assert torch.allclose(bn.running_mean, plain.running_mean, rtol=0, atol=1e-7)
+    assert torch.allclose(bn.running_var, plain.running_var, rtol=0, atol=1e-7)
+    assert bn._debiased  # no more host reads of the counter
+    bn.load_state_dict(torch.nn.BatchNorm2d(4).state_dict())  # a fresh count debiases again
+    assert not bn._debiased
+
+
+def test_unet_uses_the_debiased_batchnorm_and_eval_sees_batch_statistics_after_one_step():
+    """One training step from the initial placeholders: eval-mode output equals train-mode output on that batch
+    (running statistics = that batch's statistics), which plain BatchNorm only reaches after many steps."""
+    from model import BatchNorm2d
+
+    torch.manual_seed(0)
+    model = UNet(base_channels=4)
+    assert all(type(m) is BatchNorm2d for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    x = torch.randn(8, 1, 64, 64) * 3 + 2
+    with torch.no_grad():
+        train_out = model.train()(x)
+        eval_out = model.eval()(x)
+        plain = UNet(base_channels=4)
+        plain.load_state_dict(model.state_dict())
+        plain.apply(lambda m: m.reset_running_stats() if isinstance(m, torch.nn.BatchNorm2d) else None)
+        for m in plain.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.__class__ = torch.nn.BatchNorm2d
+        plain.train()(x)
+        plain_eval = plain.eval()(x)
+    # eval normalises with the unbiased variance, training with the biased one: equal up to n / (n - 1)
+    assert (eval_out - train_out).abs().max() < 0.05 * train_out.abs().max()
+    assert (plain_eval - train_out).abs().max() > 0.3 * train_out.abs().max()  # placeholders still weigh 90 %

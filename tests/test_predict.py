@@ -526,7 +526,7 @@ def test_expand_inputs_folders_series_and_names(tmp_path):
 def test_prediction_reproduces_training_dice(tmp_path):
     import run
 
-    cfg = TrainConfig(epochs=3, num_samples=24, image_size=32, base_channels=8, lr=3e-3, batch_size=4, device="cpu",
+    cfg = TrainConfig(epochs=5, num_samples=24, image_size=32, base_channels=8, lr=3e-3, batch_size=4, device="cpu",
                       precision="fp32", progress=False, output_dir=str(tmp_path / "run"), checkpoint=str(tmp_path / "best.pth"))
     summary = run.run_synthetic(cfg)
     assert 0.2 < summary["dice"] < 1.0  # a model that finds some lesions and misses some: a real comparison

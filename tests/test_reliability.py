@@ -100,7 +100,7 @@ def test_resume_of_a_run_from_an_older_version_and_with_other_threads(tmp_path):
 @pytest.mark.skipif(sys.platform == "win32", reason="torchrun with gloo is exercised on Linux/macOS")
 def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     """2 ranks x batch 4 vs 1 process x batch 8: the same global batch. Documented tolerance: Dice within 0.05."""
-    cfg = ["--epochs", "6", "--num-samples", "64", "--image-size", "32", "--base-channels", "8", "--device", "cpu",
+    cfg = ["--epochs", "6", "--num-samples", "64", "--image-size", "32", "--base-channels", "8", "--lr", "1e-3", "--device", "cpu",
            "--no-progress", "--seed", "5", "--precision", "fp32"]
     one = tmp_path / "one"
     single = _run([sys.executable, str(ROOT / "run.py"), *cfg, "--batch-size", "8", "--output-dir", str(one),

@@ -100,6 +100,25 @@ def test_config_validation_lists_every_problem():
     assert "--epochs" in msg and "--image-size" in msg and "--lr" in msg
 
 
+def test_width_and_learning_rate_default_per_kind_of_data():
+    """Left at None (the CLI's default), width and LR come from TASK_DEFAULTS by the task: the seed preset,
+    or the realistic preset and real data; explicit values are kept, and the resolved values are what a
+    checkpoint stores."""
+    import run
+    from train import TASK_DEFAULTS
+
+    assert (TrainConfig().base_channels, TrainConfig().lr) == (16, 3e-3) == tuple(TASK_DEFAULTS["seed"].values())
+    for other in ({"data": "some/folder"}, {"images_dir": "i", "masks_dir": "m"}, {"difficulty": "realistic"}):
+        assert (TrainConfig(**other).base_channels, TrainConfig(**other).lr) == (32, 1e-3)
+    assert (TrainConfig(base_channels=8, lr=0.5).base_channels, TrainConfig(base_channels=8, lr=0.5).lr) == (8, 0.5)
+    args = vars(run.build_parser().parse_args(["--data", "x"]))
+    del args["check"]
+    assert args["base_channels"] is None and TrainConfig(**args).base_channels == 32
+    help_text = " ".join(run.build_parser().format_help().split())
+    assert "width of the first level (default: 16 for the seed preset, 32 for realistic and --data)" in help_text
+    assert "learning rate (default: 0.003 for the seed preset, 0.001 for realistic and --data)" in help_text
+
+
 def test_fused_adam_and_poly_schedule():
     from train import make_optimizer, make_scheduler
     model = UNet(n_channels=1, n_classes=1, base_channels=4)
