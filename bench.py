@@ -64,8 +64,9 @@ TARGET_DICE = 0.95
 #: the original post's training settings (the reference script's flag names; its Adam runs at POST_LR)
 POST = {"epochs": 5, "num_samples": 200, "image_size": 64, "base_channels": 64, "batch_size": 4}
 POST_LR = 1e-3
-#: the width of the model timed for inference: the real-data default, since 256 / 512 px slices are real scans
-INFERENCE_BASE = train.TASK_DEFAULTS["other"]["base_channels"]
+#: the width of the second model timed for inference (batch 1): the realistic preset's and real data's default,
+#: since 256 / 512 px slices are real scans; the targets use the default model of ``python run.py``
+REAL_BASE = train.TASK_DEFAULTS["other"]["base_channels"]
 
 Runner = Callable[[torch.Tensor], torch.Tensor]
 
@@ -76,7 +77,7 @@ class Plan:
     """Every size the benchmark uses; :func:`make_plan` gives the full and the ``--quick`` one."""
 
     quick: bool = False
-    model_base: int | None = None  # None: the defaults' widths (INFERENCE_BASE for inference, TrainConfig's for the rest)
+    model_base: int | None = None  # None: TrainConfig's default width (inference, scaling, precision checks)
     ref_base: int = 64  # the reference's width for its inference latency and scaling curve
     post: dict = field(default_factory=lambda: dict(POST))
     default_run_args: list[str] = field(default_factory=list)  # extra run.py flags (quick only)
@@ -988,13 +989,15 @@ def format_report(r: dict, targets: list[Target]) -> str:
     if levers:
         lines += ["", "training ms/image at the post's settings (each lever taken away in turn from the best)"]
         lines += [f"  {k:52} {f(v, 4):>8}" for k, v in levers.items()]
-    inf = r.get("inference", {}).get("ms_per_image", {})
-    if inf:
+    for rec in (r.get(k, {}) for k in ("inference", "inference_real_width")):
+        inf = rec.get("ms_per_image", {})
+        if not inf:
+            continue
         keys = list(inf)
-        lines += ["", f"inference ms/image (base {r['inference']['base_channels']})".ljust(28) + "".join(f"{k:>14}" for k in keys)]
+        lines += ["", f"inference ms/image (base {rec['base_channels']})".ljust(28) + "".join(f"{k:>14}" for k in keys)]
         for name in inf[keys[0]]:
             lines.append(f"{name:28}" + "".join(f"{f(inf[k].get(name), 3):>14}" for k in keys))
-        ref = r["inference"].get("reference_fp32_base64")
+        ref = rec.get("reference_fp32_base64")
         if ref:
             label = f"reference fp32 base {ref.get('base_channels', 64)}"
             lines.append(f"{label:28}{ref.get('key', '256x256_b1'):>14}{f(ref.get('ms_per_image'), 3):>14}")
@@ -1047,10 +1050,13 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
         r[k]["per_repeat"] = [{kk: rec.get(kk) for kk in ("train_images_per_second", "seconds_to_target", "wall_s",
                                                           "peak_rss_mb", "peak_rss_mb_wait4", "test_dice")
                                if kk in rec} for rec in recs]
-    default_base = plan.model_base or INFERENCE_BASE
+    default_base = plan.model_base or TrainConfig().base_channels
     r["inference"] = bench_inference(default_base, plan.infer_sizes, plan.infer_batches, min_seconds=plan.infer_min_seconds,
                                      onnx=onnx, compile_model=compile_model, reference=reference,
                                      reference_base=plan.ref_base)
+    if not plan.quick:
+        r["inference_real_width"] = bench_inference(REAL_BASE, plan.infer_sizes, (1,), min_seconds=plan.infer_min_seconds,
+                                                    onnx=False)
     r["thread_scaling"] = thread_scaling(default_base, plan.infer_sizes[0], plan.infer_min_seconds)
     r["conv_peak"] = conv_peak(plan.peak_shapes, plan.peak_seconds)
     per_batch = [training_gflops(plan.gflops_size, plan.gflops_base, b, plan.gflops_steps, precision)
