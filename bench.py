@@ -715,6 +715,42 @@ def training_levers(plan: Plan, compile_model: bool = False) -> dict:
     return out
 
 
+def default_choices_levers(plan: Plan, threads: int = 0) -> dict:
+    """The default run on seed 42 and ``plan.extra_seeds`` with two of its choices taken away in turn.
+
+    * ``width_32_lr_1e-3``: the realistic preset's width and learning rate instead of the seed preset's
+      (``python run.py --base-channels 32 --lr 1e-3``, a fresh process each, like ``default_run``).
+    * ``plain_batchnorm``: PyTorch's BatchNorm running statistics instead of :class:`model.BatchNorm2d`'s
+      bias-corrected ones (``DEBIAS_STEPS = 0``, in this process: its epoch times are not comparable, the epoch
+      at which validation Dice first reaches 0.95 and the test Dice are).
+    """
+    import model as model_module
+    import run
+
+    seeds = (42, *plan.extra_seeds)
+    wide = ["--base-channels", "32", "--lr", "1e-3"] if not plan.quick else ["--lr", "1e-3"]
+    keys = ("first_epoch_at_target", "seconds_to_target", "test_dice", "train_seconds", "wall_s")
+    out: dict = {"width_32_lr_1e-3": {}, "plain_batchnorm": {}}
+    for seed in seeds:
+        rec = run_default_pipeline(threads, [*plan.default_run_args, *wide, "--seed", str(seed)])
+        out["width_32_lr_1e-3"][seed] = {k: rec.get(k) for k in keys}
+    before = model_module.BatchNorm2d.DEBIAS_STEPS
+    model_module.BatchNorm2d.DEBIAS_STEPS = 0
+    try:
+        args = run.build_parser().parse_args(plan.default_run_args)
+        for seed in seeds:
+            with tempfile.TemporaryDirectory(prefix="bench_bn_") as tmp:
+                cfg = replace(TrainConfig(**{k: v for k, v in vars(args).items() if k != "check"}), seed=seed,
+                              output_dir=str(Path(tmp) / "out"), checkpoint=str(Path(tmp) / "best.pth"), progress=False)
+                summary = run.run_synthetic(cfg)
+                rec = _training_record(summary, _read_json(Path(cfg.output_dir) / "history.json") or {})
+            out["plain_batchnorm"][seed] = {k: rec.get(k) for k in ("first_epoch_at_target", "test_dice")}
+    finally:
+        model_module.BatchNorm2d.DEBIAS_STEPS = before
+    log.info("default-run levers: %s", out)
+    return out
+
+
 # ----------------------------------------------------------------------------------- scaling
 def scaling_curves(plan: Plan, precision: str, reference: ModuleType | None = None) -> dict:
     """Seconds per training epoch against image size (default config) and against dataset size (64 px)."""
@@ -980,6 +1016,18 @@ def format_report(r: dict, targets: list[Target]) -> str:
         lines += ["", "defaults on other seeds: " + "; ".join(
             f"seed {s}: 0.95 at epoch {v.get('first_epoch_at_target')} ({f(v.get('seconds_to_target'), 3)} s), "
             f"test Dice {f(v.get('test_dice'), 4)}" for s, v in seeds.items())]
+    levers = r.get("default_run_levers")
+    if levers and seeds:
+        ours = {42: r.get("default_run", {}), **seeds}
+        lines += ["", "default run, epoch of the first validation Dice >= 0.95 (s) / test Dice, by seed:"]
+        lines.append(f"  {'this version':34}" + "".join(
+            f"{s}: {v.get('first_epoch_at_target')} ({f(v.get('seconds_to_target'), 3)} s) {f(v.get('test_dice'), 4)}   "
+            for s, v in ours.items()))
+        for name, per_seed in levers.items():
+            lines.append(f"  {name:34}" + "".join(
+                f"{s}: {v.get('first_epoch_at_target')}"
+                + (f" ({f(v.get('seconds_to_target'), 3)} s)" if "seconds_to_target" in v else "")
+                + f" {f(v.get('test_dice'), 4)}   " for s, v in per_seed.items()))
     tg, bound = r.get("training_gflops"), r.get("training_conv_bound")
     if tg and bound:
         lines += ["", (f"training GFLOP/s at {bound['image_size']} px base {bound['base_channels']} batch "
@@ -1069,6 +1117,7 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
         r["reference_training_gflops"] = reference_step_time(reference, plan.gflops_size, plan.gflops_base,
                                                              POST["batch_size"], max(2, plan.gflops_steps // 2))
     r["training_levers"] = training_levers(plan, compile_model)
+    r["default_run_levers"] = default_choices_levers(plan, threads)
     r["scaling"] = scaling_curves(plan, precision, reference)
     r["scaling_figure"] = str(plot_scaling(r["scaling"], out_dir / "scaling.png"))
     r["precision_synthetic"] = precision_check_synthetic(plan.realistic, onnx=onnx)

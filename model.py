@@ -110,9 +110,11 @@ class BatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._debiased or not (self.training and self.track_running_stats and self.momentum):
             return super().forward(x)
+        t = int(self.num_batches_tracked) + 1  # a host read on GPUs, for the first DEBIAS_STEPS batches only
+        if t > self.DEBIAS_STEPS:  # (DEBIAS_STEPS = 0: plain BatchNorm throughout, bench.py's lever)
+            self._debiased = True
+            return super().forward(x)
         self.num_batches_tracked.add_(1)
-        t = int(self.num_batches_tracked)  # a host read on GPUs, for the first DEBIAS_STEPS batches only
-        self._debiased = t >= self.DEBIAS_STEPS
         factor = self.momentum / (1.0 - (1.0 - self.momentum) ** t)
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps)
 

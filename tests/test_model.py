@@ -147,6 +147,7 @@ def test_batchnorm_matches_plain_update_after_the_debias_steps():
     assert torch.allclose(bn.running_mean, plain.running_mean, rtol=0, atol=1e-7)
     assert torch.allclose(bn.running_var, plain.running_var, rtol=0, atol=1e-7)
     assert bn._debiased  # no more host reads of the counter
+    assert bn.num_batches_tracked.item() == BatchNorm2d.DEBIAS_STEPS + 1
     bn.load_state_dict(torch.nn.BatchNorm2d(4).state_dict())  # a fresh count debiases again
     assert not bn._debiased
 
