@@ -15,7 +15,9 @@ writes ``<out>/bench.json`` and ``<out>/scaling.png``:
   Runtime), next to the reference's base-64 fp32 latency;
 * peak RSS of a 256x256 training run of the post's model and batch (each pipeline in its own process, read
   with ``os.wait4``);
-* achieved training GFLOP/s at 128x128 base 64 against a measured 3x3 convolution peak (fp32, bf16);
+* achieved training GFLOP/s at 128x128 base 64 against a measured 3x3 convolution peak (fp32, bf16), and the
+  time of the convolutions alone there and at the post's settings (the ceiling of the throughput ratio);
+* the default run with its width / learning rate and its BatchNorm statistics taken away in turn, by seed;
 * Dice of every reduced-precision inference variant against fp32 on the realistic synthetic preset
   and on a real data set (Kvasir-SEG, when its folder is present);
 * time per epoch against image size and dataset size (``scaling.png``).
@@ -1033,6 +1035,12 @@ def format_report(r: dict, targets: list[Target]) -> str:
         lines += ["", (f"training GFLOP/s at {bound['image_size']} px base {bound['base_channels']} batch "
                        f"{bound['batch_size']}: {tg['gflops']:.0f} achieved; {bound['gflops']:.0f} if only its "
                        f"convolutions took time (each timed alone)")]
+    pb, ref_ips = r.get("post_conv_bound"), r.get("reference_post", {}).get("train_images_per_second")
+    if pb and ref_ips:
+        conv_ms = 1000.0 * pb["conv_seconds_per_step"] / pb["batch_size"]
+        lines += ["", (f"post's settings: the convolutions alone (each timed alone, with their bf16 casts) take {conv_ms:.1f} "
+                       f"ms/image; the reference trains at {1000.0 / ref_ips:.1f} ms/image: with no other work at all the "
+                       f"ratio could reach {1000.0 / ref_ips / conv_ms:.2f}x")]
     levers = r.get("training_levers")
     if levers:
         lines += ["", "training ms/image at the post's settings (each lever taken away in turn from the best)"]
@@ -1113,6 +1121,9 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
     r["training_gflops"] = {**best, "per_batch": {rec["batch_size"]: rec["gflops"] for rec in per_batch}}
     r["training_conv_bound"] = conv_bound(plan.gflops_size, plan.gflops_base, best["batch_size"], precision,
                                           0.05 if plan.quick else 0.2)
+    # the ceiling of the training-throughput ratio at the post's settings: our convolutions alone, no other work
+    r["post_conv_bound"] = conv_bound(plan.post["image_size"], plan.post["base_channels"], plan.post["batch_size"],
+                                      precision, 0.05 if plan.quick else 0.2)
     if reference is not None:
         r["reference_training_gflops"] = reference_step_time(reference, plan.gflops_size, plan.gflops_base,
                                                              POST["batch_size"], max(2, plan.gflops_steps // 2))
