@@ -10,9 +10,10 @@ writes ``<out>/bench.json`` and ``<out>/scaling.png``:
 * training images/s at the post's settings (64x64, base 64, batch 4, 5 epochs, 200 samples), our fp32
   and our ``auto`` precision (bf16 where the CPU has it), with the final test Dice of each;
 * seconds to the first validation Dice >= 0.95, and the wall time of the whole default ``python run.py``;
-* inference ms/image at 256 and 512 px, batch 1 and 16, for several execution variants (eager fp32,
-  ``inference_mode`` + channels_last, BatchNorm folded, bf16, optional ``torch.compile`` and ONNX
-  Runtime), next to the reference's base-64 fp32 latency;
+* inference ms/image at 256 and 512 px, batch 1 and 16, of the default model of ``python run.py`` for several
+  execution variants (eager fp32, ``inference_mode`` + channels_last, BatchNorm folded, bf16, optional
+  ``torch.compile`` and ONNX Runtime), next to the reference's base-64 fp32 latency, and at batch 1 of the
+  real-data width (:data:`REAL_BASE`);
 * peak RSS of a 256x256 training run of the post's model and batch (each pipeline in its own process, read
   with ``os.wait4``);
 * achieved training GFLOP/s at 128x128 base 64 against a measured 3x3 convolution peak (fp32, bf16), and the
