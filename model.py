@@ -93,7 +93,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     correction, moving the ``t``-th batch in by ``m / (1 - (1 - m) ** t)`` gives the placeholders no weight
     and the batches the same relative weights as the plain average. Training itself (batch statistics) is
     unchanged, and after :data:`DEBIAS_STEPS` batches the factor equals ``momentum`` to float precision, so
-    this only changes what the first epochs' validation sees.
+    this only changes what the first epochs' validation sees. Under ``torch.compile`` it is plain BatchNorm:
+    the batch count it needs is a host value, on which the compiler would specialise and recompile every step.
     """
 
     #: batches after which the correction is below float precision and the plain update takes over
@@ -108,7 +109,8 @@ class BatchNorm2d(nn.BatchNorm2d):
         self._debiased = False  # the loaded count decides again
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._debiased or not (self.training and self.track_running_stats and self.momentum):
+        if (self._debiased or not (self.training and self.track_running_stats and self.momentum)
+                or torch.compiler.is_compiling()):
             return super().forward(x)
         t = int(self.num_batches_tracked) + 1  # a host read on GPUs, for the first DEBIAS_STEPS batches only
         if t > self.DEBIAS_STEPS:  # (DEBIAS_STEPS = 0: plain BatchNorm throughout, bench.py's lever)

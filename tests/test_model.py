@@ -175,3 +175,17 @@ def test_unet_uses_the_debiased_batchnorm_and_eval_sees_batch_statistics_after_o
     # eval normalises with the unbiased variance, training with the biased one: equal up to n / (n - 1)
     assert (eval_out - train_out).abs().max() < 0.05 * train_out.abs().max()
     assert (plain_eval - train_out).abs().max() > 0.3 * train_out.abs().max()  # placeholders still weigh 90 %
+
+
+def test_batchnorm_compiles_to_one_graph_without_recompiling_per_step():
+    """The batch count is a host value: under torch.compile the module is plain BatchNorm instead of a graph
+    break plus one recompilation per training step."""
+    import torch._dynamo
+
+    from model import BatchNorm2d
+
+    torch._dynamo.reset()
+    compiled = torch.compile(BatchNorm2d(3), backend="eager", fullgraph=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            compiled(torch.randn(2, 3, 4, 4))
