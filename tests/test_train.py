@@ -2,6 +2,7 @@
 import math
 import os
 import pickle
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -111,6 +112,7 @@ def test_width_and_learning_rate_default_per_kind_of_data():
     for other in ({"data": "some/folder"}, {"images_dir": "i", "masks_dir": "m"}, {"difficulty": "realistic"}):
         assert (TrainConfig(**other).base_channels, TrainConfig(**other).lr) == (32, 1e-3)
     assert (TrainConfig(base_channels=8, lr=0.5).base_channels, TrainConfig(base_channels=8, lr=0.5).lr) == (8, 0.5)
+    assert {"base_channels": 16, "lr": 3e-3}.items() <= asdict(TrainConfig()).items()  # what checkpoints store
     args = vars(run.build_parser().parse_args(["--data", "x"]))
     del args["check"]
     assert args["base_channels"] is None and TrainConfig(**args).base_channels == 32
