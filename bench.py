@@ -693,6 +693,46 @@ def reference_step_time(reference: ModuleType, size: int, base: int, batch: int,
             "batch_size": batch}
 
 
+def optimizer_step_time(cfg: TrainConfig, precision: str, min_seconds: float = 0.2) -> dict:
+    """Seconds of one ``optimizer.step()`` (:func:`train.make_optimizer`) alone, on the gradients of one training batch."""
+    torch.manual_seed(cfg.seed)
+    model = UNet(n_channels=1, n_classes=1, base_channels=cfg.base_channels, bilinear=cfg.bilinear)
+    model.to(memory_format=torch.channels_last)
+    opt = make_optimizer(model, cfg.lr)
+    data = _random_split(cfg.batch_size, cfg.image_size)
+    train_one_epoch(model, make_loader(data, cfg.batch_size, False, cfg.seed), opt, torch.device("cpu"), precision,
+                    True, progress=False)  # gradients and Adam state exist from here on
+    return {"seconds_per_step": _timeit(opt.step, min_seconds, max_iters=200)}
+
+
+def post_step_breakdown(plan: Plan, precision: str, conv_bound_rec: dict) -> dict:
+    """Where our training step's time goes at the post's settings, in ms/image.
+
+    ``step``: the whole step (``train_one_epoch``), ``step_one_thread``: the same on one thread (how far the
+    second core helps); ``convolutions``: every convolution alone (``conv_bound_rec``, :func:`conv_bound`, with
+    their bf16 casts); ``optimizer``: ``optimizer.step()`` alone; ``rest``: step - convolutions - optimizer, i.e.
+    BatchNorm, ReLU, pooling, up-sampling, concatenation, the loss and the autograd / Python work;
+    ``fixed_per_step``: the same step on a 1-channel-wide U-Net at 16 px, the cost of the step's few hundred
+    calls that no width removes (it overlaps the others: the convolutions and the optimizer pay part of it).
+    """
+    cfg = TrainConfig(lr=POST_LR, **{k: plan.post[k] for k in ("image_size", "base_channels", "batch_size")})
+    n = cfg.batch_size * plan.lever_steps
+    ms = lambda rec: 1000.0 * rec["seconds_per_image"]  # noqa: E731
+    out = {"step": ms(time_training_epoch(cfg, n, precision))}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out["step_one_thread"] = ms(time_training_epoch(cfg, n, precision))
+    finally:
+        torch.set_num_threads(threads)
+    out["convolutions"] = 1000.0 * conv_bound_rec["conv_seconds_per_step"] / cfg.batch_size
+    out["optimizer"] = 1000.0 * optimizer_step_time(cfg, precision)["seconds_per_step"] / cfg.batch_size
+    out["rest"] = out["step"] - out["convolutions"] - out["optimizer"]
+    out["fixed_per_step"] = ms(time_training_epoch(replace(cfg, base_channels=1, image_size=16), n, precision))
+    log.info("training step at the post's settings, ms/image: %s", {k: round(v, 2) for k, v in out.items()})
+    return out
+
+
 def training_levers(plan: Plan, compile_model: bool = False) -> dict:
     """ms/image of our training step at the post's settings: fp32/bf16 x NCHW/channels_last, then the best
     of those with each of this project's levers taken away in turn (and ``torch.compile`` added if asked)."""
@@ -1042,6 +1082,13 @@ def format_report(r: dict, targets: list[Target]) -> str:
         lines += ["", (f"post's settings: the convolutions alone (each timed alone, with their bf16 casts) take {conv_ms:.1f} "
                        f"ms/image; the reference trains at {1000.0 / ref_ips:.1f} ms/image: with no other work at all the "
                        f"ratio could reach {1000.0 / ref_ips / conv_ms:.2f}x")]
+    bd = r.get("post_step_breakdown")
+    if bd and ref_ips:
+        need = 1000.0 / ref_ips / 2.5
+        lines += [(f"  our step {bd['step']:.1f} ms/image (one thread {bd['step_one_thread']:.1f}) = convolutions "
+                   f"{bd['convolutions']:.1f} + optimizer step {bd['optimizer']:.1f} + everything else {bd['rest']:.1f} "
+                   f"(same step on a 1-channel U-Net at 16 px: {bd['fixed_per_step']:.1f}); 2.5x needs <= {need:.1f}, i.e. "
+                   f"everything else in {need - bd['convolutions'] - bd['optimizer']:.1f}")]
     levers = r.get("training_levers")
     if levers:
         lines += ["", "training ms/image at the post's settings (each lever taken away in turn from the best)"]
@@ -1128,6 +1175,7 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
     if reference is not None:
         r["reference_training_gflops"] = reference_step_time(reference, plan.gflops_size, plan.gflops_base,
                                                              POST["batch_size"], max(2, plan.gflops_steps // 2))
+    r["post_step_breakdown"] = post_step_breakdown(plan, precision, r["post_conv_bound"])
     r["training_levers"] = training_levers(plan, compile_model)
     r["default_run_levers"] = default_choices_levers(plan, threads)
     r["scaling"] = scaling_curves(plan, precision, reference)

@@ -124,6 +124,22 @@ def test_training_timing_peak_and_scaling_figure(tmp_path):
     assert path.is_file() and path.stat().st_size > 1000
 
 
+def test_post_step_breakdown_adds_up_and_is_reported():
+    plan = bench.make_plan(True)
+    with one_thread():
+        bd = bench.post_step_breakdown(plan, "fp32", {"conv_seconds_per_step": 0.004})
+    assert set(bd) == {"step", "step_one_thread", "convolutions", "optimizer", "rest", "fixed_per_step"}
+    assert bd["convolutions"] == pytest.approx(1.0)  # 4 ms per step of plan.post's batch of 4
+    assert bd["step"] > 0 and bd["optimizer"] > 0 and bd["fixed_per_step"] > 0
+    assert bd["rest"] == pytest.approx(bd["step"] - bd["convolutions"] - bd["optimizer"])
+    r = {"machine": bench.machine_info(), "plan": {"quick": True}, "post_step_breakdown": bd,
+         "post_conv_bound": {"conv_seconds_per_step": 0.004, "batch_size": 4},
+         "reference_post": {"train_images_per_second": 20.0}}
+    text = bench.format_report(r, [])
+    assert "ratio could reach 50.00x" in text  # 50 ms/image reference, 1 ms/image of convolutions
+    assert "2.5x needs <= 20.0" in text
+
+
 def test_seconds_to_dice_median_and_targets():
     assert bench.seconds_to_dice([0.5, 0.96, 0.99], [2.0, 3.0, 4.0]) == (2, 5.0)
     assert bench.seconds_to_dice([0.5, 0.9], [1.0, 1.0]) == (None, None)
