@@ -13,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import generate_uid
 from torch import nn
 
 import data_gen
@@ -25,6 +24,7 @@ from errors import CheckpointError, InputError
 from metrics import per_case_scores
 from model import UNet
 from preprocess import Preprocessing
+from scan_fixtures import ct_slice, oblique_affine
 from train import TrainConfig, save_checkpoint, split_indices
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -72,15 +72,6 @@ def sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def oblique_affine() -> np.ndarray:
-    """Anisotropic (0.8 x 1.0 x 2.5 mm), rotated 30 degrees about z, shifted."""
-    c, s = np.cos(np.pi / 6), np.sin(np.pi / 6)
-    a = np.eye(4)
-    a[:3, :3] = np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]]) @ np.diag([0.8, 1.0, 2.5])
-    a[:3, 3] = [12.5, -30.0, 7.25]
-    return a
-
-
 def save_png(path: Path, arr: np.ndarray) -> Path:
     Image.fromarray(np.asarray(arr, np.uint8)).save(path)
     return path
@@ -88,31 +79,15 @@ def save_png(path: Path, arr: np.ndarray) -> Path:
 
 def write_series(folder: Path, raw: np.ndarray, *, spacing=(0.7, 0.6), gap=2.5, iop=(1, 0, 0, 0, 1, 0),
                  start=(-40.0, 25.0, 100.0)) -> np.ndarray:
-    """A CT series (RescaleIntercept -1024), slice k at start + k * gap * normal, files written in shuffled order.
-    Returns the expected RAS affine."""
-    folder.mkdir(parents=True, exist_ok=True)
+    """A CT series (RescaleIntercept -1024) of a known patient, slice k at start + k * gap * normal, files written
+    in shuffled order. Returns the expected RAS affine."""
     uid = generate_uid()
     iop_a = np.asarray(iop, float)
     normal = np.cross(iop_a[:3], iop_a[3:])
+    folder.mkdir(parents=True, exist_ok=True)
     for n, k in enumerate(np.random.default_rng(0).permutation(len(raw))):
-        fm = FileMetaDataset()
-        fm.MediaStorageSOPClassUID, fm.MediaStorageSOPInstanceUID = CTImageStorage, generate_uid()
-        fm.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds = FileDataset(str(folder / f"IM{n}"), {}, file_meta=fm, preamble=b"\0" * 128)
-        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, fm.MediaStorageSOPInstanceUID
-        ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", "1.2.3", uid
-        ds.PatientName, ds.PatientID, ds.StudyDate = "Test^Patient", "P001", "20240131"
-        ds.ImagePositionPatient = [float(v) for v in np.asarray(start) + k * gap * normal]
-        ds.ImageOrientationPatient = [float(v) for v in iop]
-        ds.PixelSpacing = [float(v) for v in spacing]
-        ds.SliceThickness, ds.InstanceNumber = gap, int(k) + 1
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.Rows, ds.Columns = raw.shape[1:]
-        ds.BitsAllocated = ds.BitsStored = 16
-        ds.HighBit, ds.PixelRepresentation = 15, 0
-        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
-        ds.PixelData = raw[k].astype(np.uint16).tobytes()
-        ds.save_as(folder / f"IM{n}", enforce_file_format=True)
+        ct_slice(folder / f"IM{n}", raw[k], position=np.asarray(start) + k * gap * normal, uid=uid, instance=int(k) + 1,
+                 iop=iop, spacing=spacing, thickness=gap, patient=("Test^Patient", "P001", "20240131"))
     lps = np.eye(4)
     dy, dx = spacing
     lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = iop_a[:3] * dx, iop_a[3:] * dy, normal * gap, start
