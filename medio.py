@@ -558,7 +558,9 @@ def _check_out(array: np.ndarray, meta: ImageMeta, out_path: str | os.PathLike, 
     return out
 
 
-def _atomic(out: Path, suffix: str, write: Callable[[str], None]) -> Path:
+def atomic_write(out: Path, suffix: str, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` into a temporary file beside ``out``, then rename it to ``out``: a reader never sees a
+    half-written file and a failed write leaves whatever ``out`` held before."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=suffix)
     os.close(fd)
@@ -591,13 +593,13 @@ def _write_nifti(data: np.ndarray, meta: ImageMeta, out: Path) -> Path:
     else:  # the stored codes would not reproduce the affine: write the affine itself
         img = nib.Nifti1Image(np.ascontiguousarray(data.T), affine)
     suffix = ".nii.gz" if _suffix(out) == ".nii.gz" else ".nii"
-    return _atomic(out, suffix, lambda tmp: nib.save(img, tmp))
+    return atomic_write(out, suffix, lambda tmp: nib.save(img, tmp))
 
 
 def _write_png(data: np.ndarray, out: Path) -> Path:
     from PIL import Image
 
-    return _atomic(out, ".png", lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
+    return atomic_write(out, ".png", lambda tmp: Image.fromarray(data).save(tmp, format="PNG"))
 
 
 def write_mask(mask: np.ndarray, meta: ImageMeta, out_path: str | os.PathLike) -> Path:

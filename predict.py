@@ -57,7 +57,6 @@ import math
 import os
 import re
 import sys
-import tempfile
 import time
 import traceback
 import zipfile
@@ -314,17 +313,7 @@ def check_output_location(inputs: list[Path], output_dir: str | os.PathLike, all
 
 
 def _atomic_write(path: Path, data: bytes) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return medio.atomic_write(path, ".tmp", lambda tmp: Path(tmp).write_bytes(data))
 
 
 json_safe = medio.json_safe  # re-exported: the demo page and older callers use predict.json_safe
