@@ -1176,7 +1176,9 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
     r["training_gflops"] = {**best, "per_batch": {rec["batch_size"]: rec["gflops"] for rec in per_batch}}
     r["training_conv_bound"] = conv_bound(plan.gflops_size, plan.gflops_base, best["batch_size"], precision,
                                           0.05 if plan.quick else 0.2)
-    # the ceiling of the training-throughput ratio at the post's settings: our convolutions alone, no other work
+    if reference is not None:
+        r["reference_training_gflops"] = reference_step_time(reference, plan.gflops_size, plan.gflops_base,
+                                                             POST["batch_size"], max(2, plan.gflops_steps // 2))
     # the ceiling of the training-throughput ratio at the post's settings: our convolutions alone, the optimizer alone
     r["post_step_breakdown"] = post_step_breakdown(plan, precision)
     r["training_levers"] = training_levers(plan, compile_model)
