@@ -735,7 +735,7 @@ def post_step_breakdown(plan: Plan, precision: str, rounds: int = 3) -> dict:
     finally:
         torch.set_num_threads(threads)
     out["fixed_per_step"] = ms(time_training_epoch(replace(cfg, base_channels=1, image_size=16), n, precision))
-    out["rounds"] = {k: v for k, v in timed.items()}
+    out["rounds"] = timed
     log.info("training step at the post's settings, ms/image: %s",
              {k: round(v, 2) for k, v in out.items() if k != "rounds"})
     return out
