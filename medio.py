@@ -377,8 +377,25 @@ def _read_dicom(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[n
     return _stack_series(path, fmt, _pick_series(path, items, series, used), mask)
 
 
-def _stack_series(path: Path, fmt: str, items: list, mask: bool) -> tuple[np.ndarray, ImageMeta]:
-    """Sort slices along the slice normal (or by InstanceNumber) and stack them into (Z, Y, X)."""
+def dicom_series_datasets(path: str | os.PathLike, series: str | None = None) -> list:
+    """The chosen series' full pydicom datasets (pixel data included) of a DICOM folder or zip, in exactly
+    the slice order :func:`read_image` / :func:`read_mask` stack them into ``(Z, Y, X)``; ``series`` as there."""
+    p = Path(path)
+    if detect_format(p) != "dicom" or (p.is_file() and _suffix(p) != ".zip"):
+        raise InputError(f"{p}: expected a DICOM series folder or .zip (got a single {detect_format(p)} file)")
+    try:
+        items, used = _dicom_items(p, series)
+        items, _, _ = _sort_series(p, _pick_series(p, items, series, used))
+    except (InputError, MemoryError):
+        raise
+    except Exception as exc:
+        raise InputError(f"{p}: cannot read DICOM series ({type(exc).__name__}: {_oneline(exc)})") from exc
+    return [ds for _, ds in items]
+
+
+def _sort_series(path: Path, items: list) -> tuple[list, np.ndarray, bool]:
+    """Sort slices along the slice normal (or by InstanceNumber): (sorted items, gaps between neighbours,
+    whether positions were used). Raises InputError for mixed slice sizes or shared positions."""
     sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
     if len(sizes) > 1:
         raise InputError(f"{path}: DICOM slices have different sizes {sorted(sizes)} (expected one Rows x Columns)")
@@ -396,6 +413,13 @@ def _stack_series(path: Path, fmt: str, items: list, mask: bool) -> tuple[np.nda
     if np.any(np.abs(gaps) < 1e-4):
         raise InputError(f"{path}: {int(np.sum(np.abs(gaps) < 1e-4)) + 1} DICOM slices share a position "
                          f"(expected one slice per position in series {first.get('SeriesInstanceUID', '?')})")
+    return items, gaps, positional
+
+
+def _stack_series(path: Path, fmt: str, items: list, mask: bool) -> tuple[np.ndarray, ImageMeta]:
+    """Sort slices (:func:`_sort_series`) and stack them into (Z, Y, X)."""
+    items, gaps, positional = _sort_series(path, items)
+    first = items[0][1]
     if positional and len(gaps):
         dz = float(np.median(gaps))
         if np.ptp(gaps) > 0.01 * dz:
