@@ -13,7 +13,7 @@ from scipy import ndimage
 
 from model import UNet
 from preprocess import Preprocessing, pad_to, pad_value, resize_planes, scaled_size
-from train import autocast
+from runtime import autocast, channels_last as to_channels_last
 
 
 def gaussian_weight(patch: int, sigma_scale: float = 1 / 8) -> torch.Tensor:
@@ -100,7 +100,7 @@ def predict_planes(model: UNet, planes: np.ndarray, prep: Preprocessing, device:
         chunk = tiles[b:b + batch_size]
         batch = torch.stack([x[i, :, y0:y0 + p, x0:x0 + p] for i, y0, x0 in chunk]).to(device)
         if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
+            batch = to_channels_last(batch)
         with autocast(device, precision):
             prob = probs_from_logits(model(batch))
             if prep.mirror_tta if mirror is None else mirror:

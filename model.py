@@ -1,119 +1,63 @@
-"""U-Net (Ronneberger et al., 2015) for 2-D segmentation.
+"""U-Net (Ronneberger et al., 2015, https://arxiv.org/abs/1505.04597) for 2D images and 3D volumes.
 
-Differences from the original post, each a bug fix:
+Read it beside Figure 1 of the paper: a contracting path of four ``Down`` steps (max-pool, then two 3x3
+convolutions), an expanding path of four ``Up`` steps (up-sample, concatenate the skip connection, two
+3x3 convolutions) and a 1x1 convolution to the class logits. ``dim`` picks 2D or 3D layers; nothing else
+changes. Three departures from the paper, all common practice:
 
-* ``bilinear=False`` works: the transposed convolution halves the channels *before* concatenation,
-  so the following DoubleConv sees ``in_channels`` (the post's version crashed with a channel
-  mismatch).
-* Any input size >= 16 (odd sizes included, e.g. 33x47) gives an output of the same H x W: every
-  up-sampled map is padded to its skip connection's size before concatenation.
+* the convolutions are padded, so the output has the input's size (no cropping of the skip connections);
+* each convolution is followed by batch normalisation (Ioffe & Szegedy, 2015), which the paper predates;
+* ``bilinear=True`` up-samples by interpolation and halves the channels in the convolutions, instead of
+  the paper's learned "up-convolution" (``bilinear=False`` keeps that).
+
+Any input of at least ``UNet.min_size`` works, odd sizes included: every up-sampled map is padded to its
+skip connection's size. ``pool`` sets the down-sampling factor per level and axis,
+so a 3D network can leave a coarse slice axis alone on its first levels (nnU-Net's habit).
 """
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MIN_INPUT_SIZE = 16  # four 2x poolings need at least 16 px to keep a 1x1 bottleneck
+#: the smallest 2D input of the default network: four 2x poolings leave a 1x1 bottleneck
+MIN_INPUT_SIZE = 16
 
 
-#: feature maps of at most this many pixels get :class:`Conv3x3`'s matmul weight gradient when training
-SMALL_MAP_PIXELS = 64
-
-
-def _weight_grad_3x3(x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-    """dL/dW of a 3x3, stride-1, padding-1 convolution as one matrix product (channels_last in and out).
-
-    ``x`` (N, C, H, W) and ``grad`` (N, O, H, W) are channels_last; the nine shifted views of the padded
-    input form an (N*H*W, 9*C) matrix whose column order is the channels_last weight layout (O, kh, kw, C).
-    """
-    c, h, w = x.shape[1:]
-    o = grad.shape[1]
-    xp = F.pad(x.permute(0, 2, 3, 1), (0, 0, 1, 1, 1, 1))  # N, H+2, W+2, C
-    cols = torch.cat([xp[:, i:i + h, j:j + w] for i in range(3) for j in range(3)], dim=3)  # N, H, W, 9C
-    gw = grad.permute(0, 2, 3, 1).reshape(-1, o).t() @ cols.reshape(-1, 9 * c)  # O, 9C
-    return gw.view(o, 3, 3, c).permute(0, 3, 1, 2)
-
-
-class _SmallMapConv3x3(torch.autograd.Function):
-    """3x3 same convolution: oneDNN forward and input gradient, weight gradient by :func:`_weight_grad_3x3`."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.conv2d(x, weight, padding=1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        grad = grad.contiguous(memory_format=torch.channels_last)
-        grad_x = grad_w = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, [1, 1], [1, 1], [1, 1], False, [0, 0], 1,
-                                                         [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            grad_w = _weight_grad_3x3(x, grad)
-        return grad_x, grad_w
-
-
-class Conv3x3(nn.Conv2d):
-    """``nn.Conv2d(in, out, 3, padding=1, bias=False)`` (same parameters and state dict), faster to train on
-    small maps on the CPU.
-
-    Why: on maps of <= :data:`SMALL_MAP_PIXELS` pixels (the 4x4 and 8x8 levels of a 64 px U-Net) oneDNN's
-    weight-gradient kernel has almost no pixels to work on, and the same sum as one matrix product is
-    cheaper (``bench.py``'s levers at the post's settings: 28.5 -> 21.7 ms/image). Forward and input
-    gradient stay oneDNN's. Used only on the CPU, in training, for channels_last input; everything else (inference,
-    CUDA, NCHW) is plain ``nn.Conv2d``.
-    """
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__(in_channels, out_channels, kernel_size=3, padding=1, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.device.type != "cpu" or not torch.is_grad_enabled() or not self.weight.requires_grad
-                or self.bias is not None  # a BatchNorm-folded copy (model.fold_batchnorm) has a bias
-                or x.shape[-2] * x.shape[-1] > SMALL_MAP_PIXELS or not x.is_contiguous(memory_format=torch.channels_last)):
-            return super().forward(x)
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        with torch.autocast("cpu", enabled=False):
-            return _SmallMapConv3x3.apply(x.to(dtype), self.weight.to(dtype))
-
-
-class BatchNorm2d(nn.BatchNorm2d):
-    """``nn.BatchNorm2d`` (same parameters, buffers and state dict) whose running statistics are a
-    bias-corrected moving average of the batch statistics.
+class _DebiasedRunningStats:
+    """Batch normalisation whose running statistics are a bias-corrected moving average.
 
     Why: PyTorch starts ``running_mean`` at 0 and ``running_var`` at 1 and moves them by ``momentum`` (0.1)
-    per training batch, so after ``t`` batches those placeholders still weigh ``0.9 ** t``: 15 % after the
-    18 batches of the default run's first epoch, and the first validations (eval mode) see statistics the
-    network never had (validation Dice 0.0 after epoch 1 of ``python run.py``). Like Adam's bias
-    correction, moving the ``t``-th batch in by ``m / (1 - (1 - m) ** t)`` gives the placeholders no weight
-    and the batches the same relative weights as the plain average. Training itself (batch statistics) is
-    unchanged, and after :data:`DEBIAS_STEPS` batches the factor equals ``momentum`` to float precision, so
-    this only changes what the first epochs' validation sees. Under ``torch.compile`` it is plain BatchNorm:
-    the batch count it needs is a host value, on which the compiler would specialise and recompile every step.
+    per batch, so after ``t`` batches those placeholders still weigh ``0.9 ** t``, and the first validations
+    (eval mode) see statistics the network never had. As in Adam's bias correction, moving the ``t``-th batch
+    in by ``m / (1 - (1 - m) ** t)`` gives the placeholders no weight. Training itself (batch statistics) is
+    unchanged, and after :data:`DEBIAS_STEPS` batches the factor equals ``momentum`` to float precision.
+    Same parameters, buffers and state dict as the plain layer. Under ``torch.compile`` it is the plain
+    layer: the batch count is a host value the compiler would specialise on.
     """
 
-    #: batches after which the correction is below float precision and the plain update takes over
+    #: batches after which the correction is below float precision (0 = plain BatchNorm throughout)
     DEBIAS_STEPS = 200
 
-    def __init__(self, num_features: int, **kwargs):
-        super().__init__(num_features, **kwargs)
-        self._debiased = False  # True once num_batches_tracked >= DEBIAS_STEPS (avoids a device sync per step)
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._debiased = False  # True once past DEBIAS_STEPS: no more host reads of the batch count
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, *args, **kwargs):  # nn.Module's hook for loading: the loaded count decides again
         super()._load_from_state_dict(*args, **kwargs)
-        self._debiased = False  # the loaded count decides again
+        self._debiased = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self._debiased or not (self.training and self.track_running_stats and self.momentum)
-                or torch.compiler.is_compiling()):
+        plain = (self._debiased or not (self.training and self.track_running_stats and self.momentum)
+                 or torch.compiler.is_compiling())
+        if plain:
             return super().forward(x)
-        t = int(self.num_batches_tracked) + 1  # a host read on GPUs, for the first DEBIAS_STEPS batches only
-        if t > self.DEBIAS_STEPS:  # (DEBIAS_STEPS = 0: plain BatchNorm throughout, bench.py's lever)
+        t = int(self.num_batches_tracked) + 1  # a host read, for the first DEBIAS_STEPS batches only
+        if t > self.DEBIAS_STEPS:
             self._debiased = True
             return super().forward(x)
         self.num_batches_tracked.add_(1)
@@ -121,18 +65,33 @@ class BatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, True, factor, self.eps)
 
 
-class DoubleConv(nn.Module):
-    """(Conv3x3 -> BN -> ReLU) x 2."""
+class BatchNorm2d(_DebiasedRunningStats, nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` with bias-corrected running statistics (see :class:`_DebiasedRunningStats`)."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+
+class BatchNorm3d(_DebiasedRunningStats, nn.BatchNorm3d):
+    """``nn.BatchNorm3d`` with bias-corrected running statistics (see :class:`_DebiasedRunningStats`)."""
+
+
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+NORM = {2: BatchNorm2d, 3: BatchNorm3d}
+POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+UPCONV = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+
+
+class DoubleConv(nn.Module):
+    """(3x3 convolution -> BatchNorm -> ReLU) x 2: the paper's basic block, padded to keep the size."""
+
+    def __init__(self, in_channels: int, out_channels: int, dim: int = 2):
         super().__init__()
-        # no conv bias: the BatchNorm right after it has its own shift
+        conv, norm = CONV[dim], NORM[dim]
+        # no convolution bias: the BatchNorm right after it has its own shift
         self.double_conv = nn.Sequential(
-            Conv3x3(in_channels, out_channels),
-            BatchNorm2d(out_channels),
+            conv(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            norm(out_channels),
             nn.ReLU(inplace=True),
-            Conv3x3(out_channels, out_channels),
-            BatchNorm2d(out_channels),
+            conv(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            norm(out_channels),
             nn.ReLU(inplace=True),
         )
 
@@ -141,62 +100,48 @@ class DoubleConv(nn.Module):
 
 
 class Down(nn.Module):
-    """MaxPool 2x2 then DoubleConv."""
+    """Max-pool by ``pool`` (2 = halve every axis), then :class:`DoubleConv`."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, dim: int = 2, pool: int | tuple[int, ...] = 2):
         super().__init__()
-        self.maxpool_conv = nn.Sequential(nn.MaxPool2d(2), DoubleConv(in_channels, out_channels))
+        self.maxpool_conv = nn.Sequential(POOL[dim](pool), DoubleConv(in_channels, out_channels, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.maxpool_conv(x)
 
 
-class _ChannelsLastGrad(torch.autograd.Function):
-    """Identity whose backward hands on the gradient as a dense channels_last tensor."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        return grad.contiguous(memory_format=torch.channels_last)
-
-
 class Up(nn.Module):
-    """Up-sample ``x1``, pad it to the skip ``x2``'s size, concatenate, DoubleConv.
+    """Up-sample ``x1`` by ``pool``, pad it to the skip connection ``x2``'s size, concatenate, DoubleConv.
 
     ``in_channels`` is the channel count after concatenation.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, bilinear: bool = True):
+    def __init__(self, in_channels: int, out_channels: int, bilinear: bool = True, dim: int = 2,
+                 pool: int | tuple[int, ...] = 2):
         super().__init__()
         if bilinear:
-            self.up = nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True)
-            self.conv = DoubleConv(in_channels, out_channels)
-        else:
-            self.up = nn.ConvTranspose2d(in_channels, in_channels // 2, kernel_size=2, stride=2)
-            self.conv = DoubleConv(in_channels, out_channels)
+            self.up = nn.Upsample(scale_factor=pool, mode="bilinear" if dim == 2 else "trilinear", align_corners=True)
+        else:  # the paper's up-convolution, which also halves the channels
+            self.up = UPCONV[dim](in_channels, in_channels // 2, kernel_size=pool, stride=pool)
+        self.conv = DoubleConv(in_channels, out_channels, dim)
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1 = self.up(x1)
-        if x1.requires_grad and x1.is_contiguous(memory_format=torch.channels_last):
-            # torch.cat's backward hands this branch a channel slice of the channels_last gradient, and
-            # upsample_bilinear2d_backward takes a slice to its NCHW kernel (two layout copies and a
-            # slower loop; bench.py's levers: 23.3 -> 21.7 ms/image at the post's settings). Training only.
-            x1 = _ChannelsLastGrad.apply(x1)
-        dy, dx = x2.size(2) - x1.size(2), x2.size(3) - x1.size(3)
-        if dy or dx:  # odd sizes: pooling floored, so the up-sampled map is 1 px short
-            x1 = F.pad(x1, [dx // 2, dx - dx // 2, dy // 2, dy - dy // 2])
+        missing = [s - u for s, u in zip(x2.shape[2:], x1.shape[2:])]
+        if any(missing):  # odd sizes: pooling floored, so the up-sampled map is short by a voxel
+            pads = []
+            for m in reversed(missing):  # F.pad lists the last axis first
+                pads += [m // 2, m - m // 2]
+            x1 = F.pad(x1, pads)
         return self.conv(torch.cat([x2, x1], dim=1))
 
 
 class OutConv(nn.Module):
     """1x1 convolution to the class logits."""
 
-    def __init__(self, in_channels: int, out_channels: int):
+    def __init__(self, in_channels: int, out_channels: int, dim: int = 2):
         super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+        self.conv = CONV[dim](in_channels, out_channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -204,44 +149,66 @@ class OutConv(nn.Module):
 
 @dataclass
 class UNetArgs:
-    """Everything needed to rebuild a :class:`UNet`; stored in every checkpoint as ``model_args``."""
+    """Everything needed to rebuild a :class:`UNet`; stored in every checkpoint as ``model_args``.
+
+    ``pool``: the down-sampling factor of each of the four levels, per axis (``None`` = 2 on every axis);
+    a checkpoint written before ``dim`` and ``pool`` existed rebuilds the 2D default.
+    """
 
     n_channels: int = 1
     n_classes: int = 1
     base_channels: int = 64
     bilinear: bool = True
+    dim: int = 2
+    pool: list[list[int]] | None = None
+
+
+def pool_factors(dim: int, pool: list | None) -> list[tuple[int, ...]]:
+    """The four levels' pooling factors as ``dim``-tuples (``None`` -> 2 on every axis)."""
+    levels = pool if pool is not None else [2] * 4
+    out = [tuple(p) if isinstance(p, (list, tuple)) else (int(p),) * dim for p in levels]
+    if len(out) != 4 or any(len(p) != dim or min(p) < 1 for p in out):
+        raise ValueError(f"pool must list 4 levels of {dim} factors >= 1, got {pool}")
+    return out
 
 
 class UNet(nn.Module):
-    """Four-level U-Net. ``n_classes == 1`` -> one sigmoid logit; ``> 1`` -> softmax logits."""
+    """Four-level U-Net. ``n_classes == 1``: one sigmoid logit; ``> 1``: softmax (or per-region sigmoid) logits."""
 
-    def __init__(self, n_channels: int = 1, n_classes: int = 1, base_channels: int = 64, bilinear: bool = True):
+    def __init__(self, n_channels: int = 1, n_classes: int = 1, base_channels: int = 64, bilinear: bool = True,
+                 dim: int = 2, pool: list | None = None):
         super().__init__()
-        if min(n_channels, n_classes, base_channels) < 1:
-            raise ValueError("n_channels, n_classes and base_channels must be >= 1")
-        self.args = UNetArgs(n_channels, n_classes, base_channels, bilinear)
+        if min(n_channels, n_classes, base_channels) < 1 or dim not in (2, 3):
+            raise ValueError("n_channels, n_classes and base_channels must be >= 1 and dim 2 or 3")
+        pools = pool_factors(dim, pool)
+        self.args = UNetArgs(n_channels, n_classes, base_channels, bilinear, dim,
+                             None if pool is None else [list(p) for p in pools])
         c = base_channels
         factor = 2 if bilinear else 1
-        self.inc = DoubleConv(n_channels, c)
-        self.down1 = Down(c, c * 2)
-        self.down2 = Down(c * 2, c * 4)
-        self.down3 = Down(c * 4, c * 8)
-        self.down4 = Down(c * 8, c * 16 // factor)
-        self.up1 = Up(c * 16, c * 8 // factor, bilinear)
-        self.up2 = Up(c * 8, c * 4 // factor, bilinear)
-        self.up3 = Up(c * 4, c * 2 // factor, bilinear)
-        self.up4 = Up(c * 2, c, bilinear)
-        self.outc = OutConv(c, n_classes)
+        self.inc = DoubleConv(n_channels, c, dim)
+        self.down1 = Down(c, c * 2, dim, pools[0])
+        self.down2 = Down(c * 2, c * 4, dim, pools[1])
+        self.down3 = Down(c * 4, c * 8, dim, pools[2])
+        self.down4 = Down(c * 8, c * 16 // factor, dim, pools[3])
+        self.up1 = Up(c * 16, c * 8 // factor, bilinear, dim, pools[3])
+        self.up2 = Up(c * 8, c * 4 // factor, bilinear, dim, pools[2])
+        self.up3 = Up(c * 4, c * 2 // factor, bilinear, dim, pools[1])
+        self.up4 = Up(c * 2, c, bilinear, dim, pools[0])
+        self.outc = OutConv(c, n_classes, dim)
+        #: the smallest input size per axis: every pooling must leave at least one voxel
+        self.min_size = tuple(math.prod(p[a] for p in pools) for a in range(dim))
 
     @property
     def model_args(self) -> dict:
         return asdict(self.args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.size(1) != self.args.n_channels:
-            raise ValueError(f"expected input of shape (N, {self.args.n_channels}, H, W), got {tuple(x.shape)}")
-        if min(x.shape[-2:]) < MIN_INPUT_SIZE:
-            raise ValueError(f"input H and W must be >= {MIN_INPUT_SIZE}, got {tuple(x.shape[-2:])}")
+        dim, channels = self.args.dim, self.args.n_channels
+        if x.dim() != dim + 2 or x.size(1) != channels:
+            axes = "H, W" if dim == 2 else "D, H, W"
+            raise ValueError(f"expected input of shape (N, {channels}, {axes}), got {tuple(x.shape)}")
+        if any(s < m for s, m in zip(x.shape[2:], self.min_size)):
+            raise ValueError(f"input size must be >= {self.min_size} per axis, got {tuple(x.shape[2:])}")
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)
@@ -259,60 +226,26 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-# ------------------------------------------------------------------------ inference helpers
 def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """An eval-mode copy of ``model`` with every Conv2d -> BatchNorm2d pair folded into one Conv2d.
+    """An eval-mode copy of ``model`` with every convolution -> BatchNorm pair folded into one convolution.
 
-    ``w' = w * gamma / sqrt(var + eps)`` and ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``, the
-    BatchNorm replaced by ``nn.Identity``. Same outputs as ``model.eval()`` (fp32 rounding aside) with
-    one memory pass fewer per convolution: for inference only (the folded copy has no batch statistics).
+    ``w' = w * gamma / sqrt(var + eps)`` and ``b' = (b - mean) * gamma / sqrt(var + eps) + beta``
+    (``torch.nn.utils.fusion.fuse_conv_bn_eval``), the BatchNorm replaced by ``nn.Identity``. Same outputs as
+    ``model.eval()`` up to float rounding, with one memory pass fewer per convolution: for inference only.
     The original model is left untouched.
     """
-    import copy
-
     from torch.nn.utils.fusion import fuse_conv_bn_eval
 
     folded = copy.deepcopy(model).eval()
-    for module in folded.modules():
-        if not isinstance(module, nn.Sequential):
+    for seq in folded.modules():
+        if not isinstance(seq, nn.Sequential):
             continue
-        names = list(module._modules)
-        for a, b in zip(names, names[1:]):
-            conv, bn = module._modules[a], module._modules[b]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
-                module._modules[a] = fuse_conv_bn_eval(conv, bn)
-                module._modules[b] = nn.Identity()
+        children = list(seq.named_children())
+        for (a, conv), (b, bn) in zip(children, children[1:]):
+            if (isinstance(conv, (nn.Conv2d, nn.Conv3d)) and isinstance(bn, (nn.BatchNorm2d, nn.BatchNorm3d))
+                    and bn.track_running_stats):
+                setattr(seq, a, fuse_conv_bn_eval(conv, bn))
+                setattr(seq, b, nn.Identity())
     for p in folded.parameters():
         p.requires_grad_(False)
     return folded
-
-
-def conv_flops(model: nn.Module, input_shape: tuple[int, ...]) -> int:
-    """FLOPs (2 x multiply-adds) of every Conv2d / ConvTranspose2d in one forward pass of ``input_shape``.
-
-    Counted with forward hooks on a zero input, so the numbers follow the real shapes (odd sizes,
-    padding). Bias adds, BatchNorm, activations and pooling are not counted (a few % of the total).
-    """
-    total = 0
-
-    def hook(mod: nn.Module, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
-        nonlocal total
-        kh, kw = mod.kernel_size
-        if isinstance(mod, nn.ConvTranspose2d):  # every input element meets Cout/groups * kh * kw weights
-            macs = inputs[0].numel() * (mod.out_channels // mod.groups) * kh * kw
-        else:  # every output element sums Cin/groups * kh * kw products
-            macs = out.numel() * (mod.in_channels // mod.groups) * kh * kw
-        total += 2 * macs
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d))]
-    was_training = model.training
-    try:
-        model.eval()
-        param = next(model.parameters(), None)
-        with torch.inference_mode():
-            model(torch.zeros(input_shape, device=param.device if param is not None else "cpu"))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    return total

@@ -75,7 +75,8 @@ from errors import CheckpointError, ConfigError, InputError, MedSegError
 from inference import largest_classes, largest_component, predict_planes, probs_to_labels, tile_starts
 from model import fold_batchnorm
 from preprocess import WINDOW_PRESETS, Preprocessing, scaled_size, to_planes
-from train import PRECISIONS, load_checkpoint, resolve_precision, select_device
+from checkpoint import load_checkpoint
+from runtime import PRECISIONS, resolve_precision, select_device
 
 log = logging.getLogger("predict")
 

@@ -7,6 +7,7 @@ the steps training used, read from the model file alone.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -57,6 +58,33 @@ class Preprocessing:
     def model_out_channels(self) -> int:
         """1 sigmoid logit for one class, else softmax logits incl. background."""
         return 1 if self.n_classes == 1 else self.n_classes + 1
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first field that no model could use (a checkpoint's record is checked
+        once, at load, instead of failing on every input later)."""
+        def finite(v) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        if self.normalization not in NORMALIZATIONS:
+            raise ValueError(f"normalization {self.normalization!r}, expected one of {', '.join(NORMALIZATIONS)}")
+        if self.window is not None and not (isinstance(self.window, list) and len(self.window) == 2
+                                            and all(finite(v) for v in self.window) and self.window[1] > 0):
+            raise ValueError(f"window {self.window!r}, expected [level, width] with width > 0")
+        if not isinstance(self.in_channels, int) or not 1 <= self.in_channels <= 64:
+            raise ValueError(f"in_channels {self.in_channels!r}, expected an integer in 1..64")
+        if not isinstance(self.patch_size, int) or isinstance(self.patch_size, bool) or not 16 <= self.patch_size <= 4096:
+            raise ValueError(f"patch_size {self.patch_size!r}, expected an integer in 16..4096")
+        if self.resize_long_side is not None and (not isinstance(self.resize_long_side, int)
+                                                  or not 16 <= self.resize_long_side <= 8192):
+            raise ValueError(f"resize_long_side {self.resize_long_side!r}, expected None or an integer in 16..8192")
+        if (not isinstance(self.class_names, list) or not self.class_names
+                or not all(isinstance(n, str) and n.strip() for n in self.class_names)):
+            raise ValueError(f"class_names {self.class_names!r}, expected a non-empty list of names")
+        if self.class_values is not None and (
+                not isinstance(self.class_values, list) or len(self.class_values) != len(self.class_names)
+                or not all(isinstance(g, list) and g and all(isinstance(v, int) and 0 < v < 256 for v in g)
+                           for g in self.class_values)):
+            raise ValueError(f"class_values {self.class_values!r}, expected one list of label values 1..255 per class")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -16,7 +16,8 @@ import data_gen
 from errors import MedSegError
 from experiments import run_dataset, run_synthetic
 from preprocess import WINDOW_PRESETS
-from train import LR_SCHEDULES, PRECISIONS, TASK_DEFAULTS, TrainConfig, TrainingInterrupted
+from runtime import DEVICES, PRECISIONS
+from train import LR_SCHEDULES, TASK_DEFAULTS, TrainConfig, TrainingInterrupted
 
 log = logging.getLogger("run")
 
@@ -53,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed, help="seed for data, split, weights and batch order")
     p.add_argument("--difficulty", choices=data_gen.DIFFICULTIES, default=d.difficulty,
                    help="synthetic preset: 'seed' (the post's, threshold-solvable) or 'realistic'")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default=d.device, help="auto = cuda > mps > cpu")
+    p.add_argument("--device", choices=DEVICES, default=d.device, help="auto = cuda > mps > cpu")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="auto = bf16 autocast where the hardware supports it, fp16 + loss scaling on CUDA GPUs "
                         "without bf16, else fp32")

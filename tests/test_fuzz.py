@@ -21,7 +21,8 @@ import medio
 from errors import MedSegError
 from metrics import case_scores, hd95, per_case_scores
 from model import UNet
-from train import TrainConfig, load_checkpoint, save_checkpoint
+from checkpoint import load_checkpoint, save_checkpoint
+from train import TrainConfig
 from test_medio import ct_slice
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -25,7 +25,7 @@ def test_multichannel_multiclass_and_training_step_transposed():
 
 def test_rejects_too_small_and_wrong_channels():
     model = UNet(base_channels=4)
-    with pytest.raises(ValueError, match=">= 16"):
+    with pytest.raises(ValueError, match=r">= \(16, 16\)"):
         model(torch.zeros(1, 1, 15, 64))
     with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
         model(torch.zeros(1, 3, 32, 32))
@@ -34,83 +34,12 @@ def test_rejects_too_small_and_wrong_channels():
 def test_post_sized_model_and_args():
     model = UNet(base_channels=64)
     assert 13_000_000 < count_parameters(model) < 13_500_000  # the post's U-Net, without redundant conv biases
-    assert model.model_args == {"n_channels": 1, "n_classes": 1, "base_channels": 64, "bilinear": True}
+    assert model.model_args == {"n_channels": 1, "n_classes": 1, "base_channels": 64, "bilinear": True, "dim": 2,
+                                "pool": None}
 
 
-# ---------------------------------------------------------------- Conv3x3's small-map weight gradient
-def _grads(conv, x):
-    x = x.detach().clone().requires_grad_()
-    conv.weight.grad = None
-    out = conv(x)
-    (out.float() * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()  # a non-uniform upstream grad
-    return out.detach().float(), x.grad.float(), conv.weight.grad.float()
-
-
-@pytest.mark.parametrize("hw", [(4, 4), (8, 8), (5, 7), (16, 16)])
-def test_conv3x3_matches_conv2d_in_fp32(hw):
-    from model import Conv3x3
-    torch.manual_seed(0)
-    ours = Conv3x3(6, 5).to(memory_format=torch.channels_last)
-    ref = torch.nn.Conv2d(6, 5, 3, padding=1, bias=False)
-    ref.load_state_dict(ours.state_dict())  # same parameters and state-dict keys as nn.Conv2d
-    x = torch.randn(3, 6, *hw).to(memory_format=torch.channels_last)
-    for a, b in zip(_grads(ours, x), _grads(ref, x.contiguous())):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    assert ours.weight.grad.is_contiguous(memory_format=torch.channels_last)  # the optimizer's layout
-
-
-def test_conv3x3_small_map_path_is_taken_only_where_it_pays(monkeypatch):
-    import model
-    calls = []
-    real = model._SmallMapConv3x3.apply
-    monkeypatch.setattr(model._SmallMapConv3x3, "apply", lambda *a: calls.append(a[0].shape) or real(*a))
-    conv = model.Conv3x3(4, 4).to(memory_format=torch.channels_last)
-    small = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
-    conv(small)  # training, channels_last, 64 px
-    conv(torch.randn(2, 4, 16, 16).to(memory_format=torch.channels_last))  # 256 px: oneDNN's own kernel
-    conv(small.contiguous())  # NCHW
-    with torch.no_grad():
-        conv(small)  # inference
-    assert calls == [torch.Size([2, 4, 8, 8])]
-
-
-def test_conv3x3_under_bf16_autocast_matches_conv2d():
-    from model import Conv3x3
-    torch.manual_seed(1)
-    ours = Conv3x3(32, 16).to(memory_format=torch.channels_last)
-    ref = torch.nn.Conv2d(32, 16, 3, padding=1, bias=False).to(memory_format=torch.channels_last)
-    ref.load_state_dict(ours.state_dict())
-    x = torch.randn(4, 32, 4, 4).to(memory_format=torch.channels_last)
-    with torch.autocast("cpu", torch.bfloat16):
-        got, want = _grads(ours, x), _grads(ref, x)
-    assert got[0].dtype == want[0].dtype and ours.weight.grad.dtype == torch.float32
-    for a, b in zip(got, want):  # bf16 products, fp32 sums in a different order: a few bf16 ulps apart
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())
-
-
-def test_upsampled_branch_gets_a_dense_channels_last_gradient():
-    from model import Up
-    up = Up(8, 4).to(memory_format=torch.channels_last)
-    seen = []
-    orig = torch.nn.Upsample.forward
-
-    def spy(self, x):
-        y = orig(self, x)
-        y.register_hook(lambda g: seen.append(g.is_contiguous(memory_format=torch.channels_last)))
-        return y
-
-    torch.nn.Upsample.forward = spy
-    try:
-        x1 = torch.randn(2, 4, 4, 4).to(memory_format=torch.channels_last).requires_grad_()
-        x2 = torch.randn(2, 4, 8, 8).to(memory_format=torch.channels_last)
-        up(x1, x2).sum().backward()
-    finally:
-        torch.nn.Upsample.forward = orig
-    assert seen == [True]
-
-
-def test_conv3x3_folded_copy_keeps_its_bias_with_grad_enabled():
-    from model import UNet, fold_batchnorm
+def test_folded_copy_keeps_its_bias_with_grad_enabled():
+    from model import fold_batchnorm
     torch.manual_seed(0)
     model = UNet(base_channels=4).to(memory_format=torch.channels_last).eval()
     x = torch.randn(2, 1, 32, 32).to(memory_format=torch.channels_last)
@@ -118,6 +47,37 @@ def test_conv3x3_folded_copy_keeps_its_bias_with_grad_enabled():
         want = model(x)
     got = fold_batchnorm(model)(x)  # grad mode on: the folded convolutions must still add their bias
     torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- 3D
+@pytest.mark.parametrize("bilinear", [True, False])
+@pytest.mark.parametrize("dhw", [(16, 16, 16), (17, 23, 19), (21, 16, 33)])
+def test_3d_output_size_matches_odd_input(bilinear, dhw):
+    model = UNet(n_channels=2, n_classes=3, base_channels=2, bilinear=bilinear, dim=3).eval()
+    with torch.no_grad():
+        out = model(torch.randn(1, 2, *dhw))
+    assert out.shape == (1, 3, *dhw)
+
+
+def test_3d_pooling_can_skip_a_coarse_axis_and_checks_the_minimum_size():
+    pool = [[1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2]]
+    model = UNet(n_channels=1, n_classes=2, base_channels=2, dim=3, pool=pool).eval()
+    assert model.min_size == (4, 16, 16)
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 5, 20, 17)).shape == (1, 2, 5, 20, 17)
+    with pytest.raises(ValueError, match=r">= \(4, 16, 16\)"):
+        model(torch.zeros(1, 1, 3, 16, 16))
+    with pytest.raises(ValueError, match=r"\(N, 1, D, H, W\)"):
+        model(torch.zeros(1, 1, 16, 16))
+    assert model.model_args["pool"] == pool and model.model_args["dim"] == 3
+
+
+def test_model_args_of_an_older_checkpoint_rebuild_the_2d_default():
+    from checkpoint import build_model
+    old = {"n_channels": 1, "n_classes": 1, "base_channels": 4, "bilinear": True}  # written before dim / pool
+    model = build_model(old)
+    assert model.args.dim == 2 and model.min_size == (16, 16)
+    model.load_state_dict(UNet(base_channels=4).state_dict())  # same parameter names as before
 
 
 def test_batchnorm_running_stats_are_a_debiased_average():

@@ -25,7 +25,8 @@ from metrics import per_case_scores
 from model import UNet
 from preprocess import Preprocessing
 from scan_fixtures import ct_slice, oblique_affine
-from train import TrainConfig, save_checkpoint, split_indices
+from checkpoint import save_checkpoint
+from train import TrainConfig, split_indices
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"real data not found at {DATA}")

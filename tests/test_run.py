@@ -4,7 +4,7 @@ import json
 import pytest
 
 import run
-from train import load_checkpoint
+from checkpoint import load_checkpoint
 
 TINY = ["--epochs", "2", "--num-samples", "24", "--image-size", "32", "--base-channels", "4",
         "--batch-size", "4", "--device", "cpu", "--no-progress"]
