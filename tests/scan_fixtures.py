@@ -21,9 +21,10 @@ def oblique_affine() -> np.ndarray:
 
 def ct_slice(path: Path, pixels: np.ndarray, *, position, uid: str, instance: int,
              iop=(1, 0, 0, 0, 1, 0), spacing=(0.7, 0.6), description: str = "CT", bits: int = 16,
-             thickness: float = 2.5, patient: tuple[str, str, str] | None = None) -> None:
+             thickness: float = 2.5, patient: tuple[str, str, str] | None = None,
+             extra: dict | None = None) -> None:
     """A minimal valid CT slice, RescaleSlope 1 / RescaleIntercept -1024, saved without extension.
-    ``patient``: (PatientName, PatientID, StudyDate) to set."""
+    ``patient``: (PatientName, PatientID, StudyDate) to set; ``extra``: further attributes by keyword."""
     fm = FileMetaDataset()
     fm.MediaStorageSOPClassUID = CTImageStorage
     fm.MediaStorageSOPInstanceUID = generate_uid()
@@ -44,6 +45,8 @@ def ct_slice(path: Path, pixels: np.ndarray, *, position, uid: str, instance: in
     ds.HighBit, ds.PixelRepresentation = bits - 1, 0
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.PixelData = pixels.astype(np.uint16 if bits == 16 else np.uint8).tobytes()
+    for keyword, value in (extra or {}).items():
+        setattr(ds, keyword, value)
     if int(pydicom.__version__.split(".")[0]) >= 3:
         ds.save_as(path, enforce_file_format=True)
     else:  # pragma: no cover - pydicom 2.x
@@ -51,9 +54,10 @@ def ct_slice(path: Path, pixels: np.ndarray, *, position, uid: str, instance: in
 
 
 def ct_series(folder: Path, *, n=5, shape=(6, 7), uid=None, seed=0, iop=(1, 0, 0, 0, 1, 0), gap=2.5,
-              description="CT", prefix="image_", values=None, bits=16):
+              description="CT", prefix="image_", values=None, bits=16, spacing=(0.7, 0.6), patient=None, extra=None):
     """Write a series with shuffled file names/order and instance numbers opposite to position order.
 
+    ``spacing`` (PixelSpacing), ``patient`` and ``extra`` (the same for every slice) go to :func:`ct_slice`.
     Returns (stored volume sorted by position along the normal, uid, first-slice position)."""
     rng = np.random.default_rng(seed)
     uid = uid or generate_uid()
@@ -66,5 +70,6 @@ def ct_series(folder: Path, *, n=5, shape=(6, 7), uid=None, seed=0, iop=(1, 0, 0
     random.Random(seed).shuffle(names)
     for k in range(n):  # slice k sits at start + k * gap * normal
         ct_slice(folder / f"{prefix}{names[k]}", vol[k], position=start + k * gap * normal, uid=uid,
-                 instance=n - k, iop=iop, description=description, bits=bits)
+                 instance=n - k, iop=iop, description=description, bits=bits, spacing=spacing, patient=patient,
+                 extra=extra)
     return vol, uid, start
