@@ -1,0 +1,1 @@
+"""The pieces of ``bench.py``: processes and records (``common``), speed (``speed``), accuracy (``accuracy``)."""
