@@ -29,15 +29,24 @@ Writing
     never overwrite the input file.
 
 Every user-caused problem raises :class:`errors.InputError` with a one-line message naming the file.
+
+Safety (through :mod:`fileio`)
+    Nothing is opened before :func:`detect_format` has refused FIFOs, sockets, devices, symlink loops and dangling
+    symlinks. Sizes that headers claim (NIfTI, DICOM, MetaImage / NRRD, PNG / TIFF) are checked against half of
+    the machine's memory before any voxel is read; zips are checked from their central directory (member count,
+    unpacked size, compression ratio, encryption) and members are read with a bound. Data files named inside a
+    header (MetaImage ``ElementDataFile``, NRRD ``data file``) are read only from the header's own folder; DICOMDIR
+    indexes and Analyze ``.hdr/.img`` pairs are refused.
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
 import os
-import tempfile
-import zipfile
+import re
+import shlex
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -46,7 +55,9 @@ from typing import Any
 
 import numpy as np
 
+import fileio
 from errors import InputError
+from fileio import atomic_write, json_safe  # re-exported for old callers (predict, app); new code imports fileio
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +68,14 @@ _SUFFIX_FORMATS = {
 }
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_SUFFIX_FORMATS)
 _RASTER_FORMATS = {"png", "jpeg", "bmp", "tiff", "gif"}
+_FORMAT_NAMES = {"nifti": "NIfTI", "dicom": "DICOM", "png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF",
+                 "gif": "GIF", "nrrd": "NRRD", "mha": "MetaImage"}
+# Two-file formats whose header names a second file; refused rather than resolved (see detect_format).
+_PAIR_SUFFIXES = (".hdr", ".img", ".hdr.gz", ".img.gz")
+_DICOMDIR_UID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: a DICOMDIR index
+_HEADER_WINDOW = 1 << 20  # the part of a text header (MetaImage, NRRD) that is parsed for data-file names
+_MAX_NIFTI_OFFSET = 256 << 20  # bytes before NIfTI data (header extensions); more is skipped by decompressing
+_MAX_DATA_FILES = 10_000  # data files one detached header may name
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 _LABEL_TOL = 1e-3        # how far a float mask value may be from an integer
 _LOSSY_CHANNEL_TOL = 32  # max channel difference still "grey" in a JPEG mask
@@ -91,25 +110,24 @@ class ImageMeta:
         return cls(**d)
 
 
-def json_safe(obj: Any) -> Any:
-    """Plain JSON values: NumPy / torch scalars and arrays converted, NaN and infinities -> None, other objects
-    (paths, ...) -> str. Used for image metadata and for predict.py's reports."""
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if hasattr(obj, "tolist") and not isinstance(obj, (str, bytes)):  # np.ndarray, np.generic, torch.Tensor
-        return json_safe(obj.tolist())
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is None or isinstance(obj, (str, int, bool)):
-        return obj
-    return str(obj)
-
-
 def _oneline(exc: BaseException) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+def _one_line_errors(fn):
+    """Make every InputError of a public reader one printable line: a file name with a newline or other
+    control character (possible on Linux, and in zip member names) would otherwise split the message."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except InputError as exc:
+            text = fileio.printable(str(exc))
+            if text != str(exc):
+                raise InputError(text) from exc
+            raise
+    return wrapper
 
 
 # ----------------------------------------------------------------------------------------------- detection
@@ -119,24 +137,35 @@ def _suffix(path: Path) -> str:
 
 
 def is_dicom_file(path: str | os.PathLike) -> bool:
-    """True if ``path`` is a file carrying the DICOM ``DICM`` marker at byte 128."""
+    """True if ``path`` is a regular file carrying the DICOM ``DICM`` marker at byte 128 (a FIFO or device
+    is never opened in a blocking way: see :func:`fileio.open_regular`)."""
     try:
-        with open(path, "rb") as fh:
-            return fh.read(132)[128:132] == b"DICM"
-    except OSError:
+        return fileio.read_head(path, 132)[128:132] == b"DICM"
+    except (OSError, ValueError):
         return False
 
 
+@_one_line_errors
 def detect_format(path: str | os.PathLike) -> str:
-    """Format name of an existing file or folder: by suffix, DICOM folder, or DICOM preamble."""
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file or folder")
+    """Format name of an existing file or folder: by suffix, DICOM folder, or DICOM preamble.
+
+    Refuses, before anything is opened, what is not a regular file or folder (FIFO, socket, device,
+    symlink loop, dangling symlink), folders named like image files, and two-file Analyze pairs."""
+    p = fileio.require_regular_file(path, folder_ok=True)
+    sfx = _suffix(p)
     if p.is_dir():
+        if sfx in _SUFFIX_FORMATS and sfx != ".dcm":
+            raise InputError(f"{p}: is a folder, not a {sfx} file (expected a {sfx} file, or a DICOM series "
+                             f"folder)")
         if any(f.is_file() for f in p.rglob("*")):
             return "dicom"
         raise InputError(f"{p}: folder is empty (expected a DICOM series folder)")
-    fmt = _SUFFIX_FORMATS.get(_suffix(p))
+    name = p.name.lower()
+    if any(name.endswith(s) for s in _PAIR_SUFFIXES):
+        raise InputError(f"{p}: Analyze / NIfTI-pair .hdr + .img files are not supported: the header names a "
+                         f"second file (expected a single .nii or .nii.gz file; convert the pair, e.g. "
+                         f"nibabel.save(nibabel.load('x.hdr'), 'x.nii.gz'))")
+    fmt = _SUFFIX_FORMATS.get(sfx)
     if fmt is None and is_dicom_file(p):
         fmt = "dicom"
     if fmt is None:
@@ -169,16 +198,75 @@ def _meta(path: Path, fmt: str, spacing, affine: np.ndarray | None, ndim: int, *
 
 
 # ------------------------------------------------------------------------------------------------- readers
-def _read_nifti(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[np.ndarray, ImageMeta]:
+def _nifti_header(path: Path):
+    """The NIfTI-1/2 header of ``path`` parsed from its first bytes only: no extension and no voxel is read, so
+    its claims (shape, data type, spacing, data offset) can be checked before nibabel reads anything."""
+    import gzip
+
     import nibabel as nib
 
-    img = nib.load(str(path), mmap=False)
-    shape = tuple(img.shape)
+    fd = fileio.open_regular(path)
+    with os.fdopen(fd, "rb") as raw:
+        head = raw.read(2)
+        raw.seek(0)
+        try:
+            if head == b"\x1f\x8b":
+                with gzip.GzipFile(fileobj=raw, mode="rb") as gz:
+                    block = gz.read(540)  # bounded: never inflates more than the header
+            else:
+                block = raw.read(540)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise InputError(f"{path}: cannot decompress ({type(exc).__name__}: {_oneline(exc)}; expected an "
+                             f"intact .nii.gz)") from None
+    sizes = {int.from_bytes(block[:4], order) for order in ("little", "big")} if len(block) >= 4 else set()
+    klass, nbytes = (nib.Nifti1Header, 348) if 348 in sizes else (nib.Nifti2Header, 540) if 540 in sizes else (None, 0)
+    if klass is None or len(block) < nbytes:
+        raise InputError(f"{path}: not a NIfTI file ({len(block)} bytes read, no NIfTI header size field 348 or "
+                         f"540 at the start; expected a .nii or .nii.gz image)")
+    try:
+        return klass(binaryblock=block[:nbytes], check=False)
+    except Exception as exc:  # noqa: BLE001 - any parse failure is a bad header
+        raise InputError(f"{path}: NIfTI header cannot be parsed ({_oneline(exc)}; expected a valid NIfTI-1/2 "
+                         f"header)") from None
+
+
+def _check_nifti_header(path: Path, hdr, mask: bool) -> tuple[int, ...]:
+    """The spatial shape the header claims, after refusing what nibabel would read blindly or choke on."""
+    try:
+        full = tuple(int(d) for d in hdr.get_data_shape())
+        dtype = np.dtype(hdr.get_data_dtype())
+        offset = float(hdr["vox_offset"])
+    except Exception as exc:  # noqa: BLE001 - dim[0] out of range, unknown datatype code, ...
+        raise InputError(f"{path}: NIfTI header is invalid ({_oneline(exc)}; expected a valid dim, datatype and "
+                         f"vox_offset)") from None
+    shape = full
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) not in (2, 3):
-        raise InputError(f"{path}: NIfTI image has shape {tuple(img.shape)} (expected 2D or 3D, "
-                         f"or 4D with a single volume)")
+        raise InputError(f"{path}: NIfTI image has shape {full} (expected 2D or 3D, or 4D with a single volume)")
+    if not math.isfinite(offset) or not 0 <= offset <= _MAX_NIFTI_OFFSET:
+        raise InputError(f"{path}: NIfTI header puts the image data at byte {offset:g} (expected a finite offset "
+                         f"below {fileio.format_bytes(_MAX_NIFTI_OFFSET)})")
+    # get_fdata makes float32 from any stored type; a mask keeps its type (scaled masks become float64)
+    itemsize = dtype.itemsize if mask else max(dtype.itemsize, 4)
+    fileio.check_array_size(path, shape, itemsize, "NIfTI header",
+                            dtype_name="float32" if itemsize == 4 and not mask else str(dtype))
+    pixdim = [float(v) for v in np.asarray(hdr["pixdim"], dtype=np.float64)[1:len(shape) + 1]]
+    if not all(math.isfinite(v) and v > 0 for v in pixdim):
+        raise InputError(f"{path}: NIfTI header has an invalid voxel spacing ({', '.join(f'{v:g}' for v in pixdim)}) "
+                         f"mm (expected finite positive values)")
+    return shape
+
+
+def _read_nifti(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[np.ndarray, ImageMeta]:
+    import nibabel as nib
+
+    shape = _check_nifti_header(path, _nifti_header(path), mask)  # before nibabel reads anything
+    img = nib.load(str(path), mmap=False)
+    if tuple(img.shape)[:len(shape)] != shape:  # nibabel parsed the same bytes: a mismatch means a changed file
+        raise InputError(f"{path}: NIfTI file changed while being read (expected a file that stays put)")
+    if not np.isfinite(np.asarray(img.affine, dtype=float)).all():
+        raise InputError(f"{path}: NIfTI header has a non-finite qform/sform orientation (expected finite numbers)")
     data = np.asanyarray(img.dataobj) if mask else img.get_fdata(dtype=np.float32)
     data = data.reshape(shape).T  # (i, j, k) -> (k, j, i)
     hdr = img.header
@@ -191,15 +279,125 @@ def _read_nifti(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[n
     return data, _meta(path, fmt, zooms, np.asarray(img.affine, dtype=float), ndim, extra=extra)
 
 
+# ----- formats whose text header may name other files (MetaImage ElementDataFile, NRRD data file)
+_DATA_FILE_KEYS = {"mha": ("elementdatafile",), "nrrd": ("datafile",)}
+_PRINTF_INT = re.compile(r"%[-+ #0]*\d*(?:\.\d+)?(?:hh|h|ll|l|j|z|t|q|L)?([diuoxX])")
+
+
+def _header_data_files(path: Path, fmt: str) -> list[tuple[str, bool]]:
+    """Every data-file name the MetaImage / NRRD header of ``path`` could make SimpleITK open, as
+    ``(name, primary)``; ``primary`` marks the plain single-file form, whose file must exist.
+
+    Parsed more broadly than MetaIO / teem do (both line-ending conventions, any case, every line of the
+    first MiB, each reading of an ambiguous value), so that a name the library would follow is never missed;
+    a header that does not end within that MiB is refused."""
+    head = fileio.read_head(path, _HEADER_WINDOW + 1)
+    window = head[:_HEADER_WINDOW]
+    text = window.decode("latin-1")
+    names: list[tuple[str, bool]] = []
+    found = listed = False
+    for lines in (text.split("\n"), re.split(r"\r\n|\r|\n", text)):
+        lines = [line.rstrip("\r") for line in lines]
+        for i, line in enumerate(lines):
+            m = re.match(r"\s*([^:=]*?)\s*(?::=|[:=])\s*(.*?)\s*$", line)
+            if not m or re.sub(r"[\s_\-]", "", m.group(1)).lower() not in _DATA_FILE_KEYS[fmt]:
+                continue
+            found = True
+            listed = listed or m.group(2).upper().startswith("LIST")
+            names.extend(_data_file_value(path, m.group(2), lines[i + 1:]))
+    if len(head) > _HEADER_WINDOW:  # the file goes on past what was parsed: the header must have ended
+        # MetaIO stops at ElementDataFile, teem at the first blank line; a LIST runs to the end of the file
+        ended = (b"\n\n" in window or b"\r\n\r\n" in window) if fmt == "nrrd" else found
+        if listed or not ended:
+            raise InputError(f"{path}: {_FORMAT_NAMES[fmt]} header {'file list ' if listed else ''}is longer than "
+                             f"{fileio.format_bytes(_HEADER_WINDOW)} (expected a short text header)")
+    return names
+
+
+def _data_file_value(path: Path, value: str, rest: list[str]) -> list[tuple[str, bool]]:
+    """Names one ``ElementDataFile`` / ``data file`` value can stand for: LOCAL (none), one file, ``LIST``
+    (the following lines) or a printf pattern ``name%03d.raw first last step``."""
+    tokens = value.split()
+    if not tokens or value.upper() == "LOCAL":
+        return []
+    if tokens[0].upper().startswith("LIST"):
+        return [(line.strip(), False) for line in rest if line.strip()]
+    names = [(value, "%" not in value)]
+    if len(tokens) > 1:
+        names.append((tokens[0], False))
+    if "%" in value:
+        names.extend((n, False) for n in _expand_pattern(path, tokens))
+    return names
+
+
+def _c_to_py(m: re.Match) -> str:
+    """A C printf integer conversion as a Python one: no length modifier, %i / %u -> %d."""
+    spec = re.sub(r"(?:hh|h|ll|l|j|z|t|q|L)(?=[diuoxX]$)", "", m.group(0))
+    return spec[:-1] + ("d" if spec[-1] in "iu" else spec[-1])
+
+
+def _expand_pattern(path: Path, tokens: list[str]) -> list[str]:
+    """File names of a ``pattern first last step`` data-file form (MetaIO / teem), bounded in number."""
+    pattern = tokens[0]
+    if len(_PRINTF_INT.findall(pattern)) != 1 or pattern.replace("%%", "").count("%") != 1:
+        raise InputError(f"{path}: header names data files by the pattern '{fileio.printable(pattern)}' "
+                         f"(expected one integer field such as %03d)")
+    try:
+        first, last = int(tokens[1]), int(tokens[2])
+        step = int(tokens[3]) if len(tokens) > 3 else 1
+        if step == 0:
+            raise ValueError
+        numbers = range(first, last + (1 if step > 0 else -1), step)
+    except (IndexError, ValueError):
+        raise InputError(f"{path}: header names data files by '{fileio.printable(' '.join(tokens))}' (expected "
+                         f"'pattern first last step' with integers)") from None
+    if len(numbers) > _MAX_DATA_FILES:
+        raise InputError(f"{path}: header names {len(numbers):,} data files (expected at most {_MAX_DATA_FILES:,})")
+    py = _PRINTF_INT.sub(_c_to_py, pattern)
+    return [py % n for n in numbers]
+
+
+def _check_data_files(path: Path, fmt: str) -> None:
+    """Refuse a header that names a data file outside its own folder (``/etc/passwd``, ``../secret.raw``, a
+    symlink leading out) or a missing one -- BEFORE SimpleITK, which would follow any name, sees it."""
+    folder = path.parent
+    for name, primary in _header_data_files(path, fmt):
+        target = fileio.resolve_inside(folder, name, path)
+        if primary and not target.exists():
+            raise InputError(f"{path}: header names the data file '{fileio.printable(name)}', which is missing "
+                             f"(expected it beside the header in {folder.resolve().name or folder}/)")
+        problem = fileio.file_problem(target) if os.path.lexists(target) else None
+        if problem:  # e.g. a FIFO beside the header, which would hang SimpleITK
+            raise InputError(f"{path}: header names the data file '{fileio.printable(name)}', which {problem}")
+
+
+_SITK_IO = {"nrrd": "NrrdImageIO", "mha": "MetaImageIO"}
+
+
 def _read_sitk(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[np.ndarray, ImageMeta]:
     try:
         import SimpleITK as sitk
     except ImportError as exc:  # pragma: no cover - SimpleITK is in requirements.txt
         raise InputError(f"{path}: reading {fmt.upper()} needs SimpleITK (pip install SimpleITK)") from exc
-    img = sitk.ReadImage(str(path))
-    ndim, channels = img.GetDimension(), img.GetNumberOfComponentsPerPixel()
+    _check_data_files(path, fmt)
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
+    reader.SetImageIO(_SITK_IO[fmt])  # only this format's reader: no other ITK reader may claim the file
+    reader.ReadImageInformation()  # the header only
+    ndim, channels = reader.GetDimension(), reader.GetNumberOfComponents()
     if ndim not in (2, 3):
         raise InputError(f"{path}: {fmt.upper()} image has {ndim} dimensions (expected 2D or 3D)")
+    bits = re.findall(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
+    itemsize = int(bits[0]) // 8 if bits else 8
+    itemsize *= 2 if "complex" in sitk.GetPixelIDValueAsString(reader.GetPixelID()) else 1
+    fileio.check_array_size(path, tuple(reader.GetSize())[::-1] + ((channels,) if channels > 1 else ()),
+                            max(itemsize, 4), f"{_FORMAT_NAMES[fmt]} header", dtype_name="float32" if itemsize <= 4
+                            else None)
+    spacing = tuple(float(v) for v in reader.GetSpacing())
+    if not all(math.isfinite(v) and v > 0 for v in spacing):
+        raise InputError(f"{path}: {_FORMAT_NAMES[fmt]} header has an invalid voxel spacing "
+                         f"({', '.join(f'{v:g}' for v in spacing[::-1])}) mm (expected finite positive values)")
+    img = reader.Execute()
     arr = sitk.GetArrayFromImage(img)  # already (Z, Y, X[, C])
     if channels == 1 and arr.ndim == ndim + 1:
         arr = arr[..., 0]
@@ -221,20 +419,29 @@ def _read_raster(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[
 
     arr = None
     try:
-        with Image.open(path) as im:
+        with Image.open(path) as im:  # lazy: only the header is parsed here
+            w, h = im.size
+            fileio.check_array_size(path, (h, w, len(im.getbands())), 4, f"{_FORMAT_NAMES[fmt]} header",
+                                    dtype_name="float32")
             frames = getattr(im, "n_frames", 1)
             if frames > 1 and fmt != "tiff":
                 log.warning("%s: %d frames, using the first", path, frames)
             if frames == 1 or fmt != "tiff":
                 im.load()
                 arr = _pil_to_array(im, mask)
+    except InputError:
+        raise
     except Exception:
         if fmt != "tiff":
             raise
     if arr is None:  # multi-page or exotic TIFF
         import tifffile
 
-        arr = np.asarray(tifffile.imread(path))
+        with tifffile.TiffFile(path) as tif:
+            page = tif.series[0]
+            fileio.check_array_size(path, page.shape, max(np.dtype(page.dtype).itemsize, 4), "TIFF header",
+                                    dtype_name="float32" if np.dtype(page.dtype).itemsize <= 4 else None)
+            arr = np.asarray(page.asarray())
     rgb = arr.ndim >= 3 and arr.shape[-1] in (3, 4) and arr.ndim - 1 in (2, 3)
     if arr.ndim - rgb not in (2, 3):
         raise InputError(f"{path}: image array has shape {arr.shape} (expected 2D, RGB or a 3D stack)")
@@ -255,16 +462,102 @@ def _pil_to_array(im, mask: bool) -> np.ndarray:
 
 
 # ----- DICOM
+_NOT_DICOM = "not a DICOM file (no DICM preamble and no DICOM header could be parsed); expected a DICOM image slice"
+# Elements every image slice carries; a "dataset" without any of them, and without a preamble, is pydicom's
+# force=True reading of some other file (text, a PNG renamed .dcm, ...)
+_DICOM_CORE = ("SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "Rows",
+               "Columns", "PixelData")
+
+
 def _dcmread(src, name: str):
     import pydicom
 
     try:
         ds = pydicom.dcmread(src, force=True)
     except Exception as exc:
-        raise InputError(f"{name}: cannot read DICOM file ({type(exc).__name__}: {_oneline(exc)})") from exc
+        if isinstance(src, io.BytesIO):
+            src.seek(0)
+        head = src.read(132) if isinstance(src, io.BytesIO) else fileio.read_head(src, 132)
+        if head[128:132] != b"DICM":
+            raise InputError(f"{name}: {_NOT_DICOM}") from exc
+        raise InputError(f"{name}: cannot read DICOM file ({type(exc).__name__}: {_oneline(exc)}; "
+                         f"expected an intact DICOM file)") from exc
+    meta = getattr(ds, "file_meta", None)
+    if str((meta or {}).get("MediaStorageSOPClassUID", "")) == _DICOMDIR_UID or "DirectoryRecordSequence" in ds:
+        raise InputError(f"{name}: is a DICOMDIR index, not an image: pass the series folder instead "
+                         f"(expected a DICOM image file, a series folder or a .zip)")
+    if getattr(ds, "preamble", None) is None and not meta and not any(k in ds for k in _DICOM_CORE):
+        raise InputError(f"{name}: {_NOT_DICOM}")
     if "PixelData" not in ds:
         raise InputError(f"{name}: DICOM file has no pixel data (expected an image slice)")
     return ds
+
+
+def _dicom_text(ds, keyword: str) -> str:
+    """An element's value as stored (``0\\0``, ``abc``), for messages; works for values pydicom cannot parse."""
+    try:
+        elem = ds.get_item(keyword)
+        value = elem.value
+    except Exception:  # noqa: BLE001
+        return "?"
+    if isinstance(value, bytes):
+        return fileio.printable(value.decode("latin-1").strip(" \0"))[:80]
+    if not isinstance(value, str) and hasattr(value, "__iter__"):  # MultiValue, list
+        return fileio.printable("\\".join(str(v) for v in value))[:80]
+    return fileio.printable(str(value))[:80]
+
+
+def _pixel_spacing(ds, name: str) -> tuple[tuple[float, float], bool]:
+    """``((dy, dx), known)`` from PixelSpacing; absent or empty -> ``((1, 1), False)``; zero, negative, NaN,
+    infinite, a wrong count or unparsable text -> InputError (a wrong spacing silently corrupts volumes)."""
+    if "PixelSpacing" not in ds:
+        return (1.0, 1.0), False
+    try:
+        raw = ds.PixelSpacing  # a MultiValue of DS, one DS, or None / "" when stored empty
+        items = [] if raw is None or raw == "" else [raw] if isinstance(raw, (str, bytes, int, float)) else list(raw)
+        if not items:
+            return (1.0, 1.0), False
+        values = [float(v) for v in items]
+    except Exception:  # noqa: BLE001 - pydicom raises various errors for malformed DS text
+        values = []
+    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise InputError(f"{name}: DICOM PixelSpacing is '{_dicom_text(ds, 'PixelSpacing')}' (expected two finite "
+                         f"positive numbers in mm, e.g. 0.7\\0.7)")
+    return (values[0], values[1]), True
+
+
+def _slice_spacing(ds, name: str) -> float:
+    """SpacingBetweenSlices, else SliceThickness, else 1 mm: the slice step when positions cannot give it."""
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        if keyword not in ds:
+            continue
+        try:
+            raw = ds.get(keyword)
+            value = float(raw) if raw not in (None, "") else 0.0
+        except Exception:  # noqa: BLE001
+            value = math.nan
+        if not math.isfinite(value):
+            raise InputError(f"{name}: DICOM {keyword} is '{_dicom_text(ds, keyword)}' (expected a finite number "
+                             f"in mm)")
+        if value:
+            return abs(value)  # some scanners store a negative SpacingBetweenSlices; only the step matters here
+    return 1.0
+
+
+def _check_dicom_size(name: str, ds, n_slices: int = 1) -> None:
+    """Refuse empty images and ones whose header claims more pixels than fit in memory, before decoding."""
+    try:
+        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        spp = int(ds.get("SamplesPerPixel", 1) or 1)
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(f"{name}: DICOM Rows / Columns / NumberOfFrames are not integers ({_oneline(exc)}; "
+                         f"expected an image header)") from None
+    if rows <= 0 or cols <= 0 or frames <= 0 or spp <= 0:
+        raise InputError(f"{name}: DICOM header has Rows x Columns = {rows} x {cols}, {frames} frame(s), {spp} "
+                         f"sample(s) per pixel (expected a non-empty image)")
+    fileio.check_array_size(name, (n_slices * frames, rows, cols) + ((spp,) if spp > 1 else ()), 4,
+                            "DICOM header", dtype_name="float32")
 
 
 def _match_folder(folder: str, series: str) -> bool:
@@ -276,23 +569,29 @@ def _dicom_items(path: Path, series: str | None) -> tuple[list[tuple[str, Any]],
     """Datasets (name, dataset) of the chosen folder of a DICOM folder or zip; and whether ``series``
     was used to choose that folder."""
     if path.is_dir():
-        files = [f for f in sorted(path.rglob("*")) if f.is_file()
-                 and (f.suffix.lower() == ".dcm" or is_dicom_file(f))]
+        base = path.resolve()
         groups: dict[str, list] = defaultdict(list)
-        for f in files:
-            groups[f.parent.relative_to(path).as_posix()].append(f)
+        for f in sorted(path.rglob("*")):
+            if not f.is_file() or f.name.upper() == "DICOMDIR":  # FIFOs, sockets, devices: never opened
+                continue
+            if base not in f.resolve().parents:  # only files inside the folder the user gave are read
+                raise InputError(f"{path}: holds '{f.relative_to(path).as_posix()}', a symlink that leads "
+                                 f"outside the folder (expected the DICOM files themselves inside it)")
+            if f.suffix.lower() == ".dcm" or is_dicom_file(f):
+                groups[f.parent.relative_to(path).as_posix()].append(f)
         folder, used = _pick_folder(path, groups, series)
         return [(str(f), _dcmread(f, str(f))) for f in groups[folder]], used
-    with zipfile.ZipFile(path) as zf:
+    with fileio.open_zip(path) as zf:  # central-directory limits checked before anything is inflated
         groups = defaultdict(list)
         for info in zf.infolist():
             name = info.filename
-            if info.is_dir() or name.startswith("__MACOSX/"):
+            if info.is_dir() or name.startswith("__MACOSX/") or name.rsplit("/", 1)[-1].upper() == "DICOMDIR":
                 continue
-            if name.lower().endswith(".dcm") or zf.open(info).read(132)[128:132] == b"DICM":
-                groups[name.rsplit("/", 1)[0] if "/" in name else "."].append(name)
+            if name.lower().endswith(".dcm") or fileio.read_zip_head(zf, info, 132)[128:132] == b"DICM":
+                groups[name.rsplit("/", 1)[0] if "/" in name else "."].append(info)
         folder, used = _pick_folder(path, groups, series)
-        return [(f"{path}:{n}", _dcmread(io.BytesIO(zf.read(n)), f"{path}:{n}")) for n in groups[folder]], used
+        return [(f"{path}:{i.filename}", _dcmread(io.BytesIO(fileio.read_zip_member(zf, i)), f"{path}:{i.filename}"))
+                for i in groups[folder]], used
 
 
 def _pick_folder(path: Path, groups: dict[str, list], series: str | None) -> tuple[str, bool]:
@@ -304,11 +603,24 @@ def _pick_folder(path: Path, groups: dict[str, list], series: str | None) -> tup
             return hits[0], True
     if len(groups) == 1:
         return next(iter(groups)), False
+    folders, choices = _series_choices(groups)
     if series is None:
-        raise InputError(f"{path}: holds DICOM files in {len(groups)} folders, pass series= one of: "
-                         f"{', '.join(sorted(groups))}")
+        raise InputError(f"{path}: holds {len(groups)} DICOM series (folders {folders}): choose one with "
+                         f"{choices} (series= in Python; expected a single series)")
     raise InputError(f"{path}: series '{series}' matches {'several' if hits else 'no'} folders "
-                     f"(available: {', '.join(sorted(groups))})")
+                     f"(folders {folders}; choose one with {choices})")
+
+
+def _series_choices(groups: dict[str, list], shown: int = 8) -> tuple[str, str]:
+    """(``"a/, b/"``, ``"--series a or --series b"``) for a message: each folder by its last component where
+    that is unique, else by its full path; long lists are cut."""
+    names = sorted(groups)
+    last = [n.rsplit("/", 1)[-1] for n in names]
+    short = [b if last.count(b) == 1 else n for n, b in zip(names, last)]
+    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+    folders = ", ".join(f"{n}/" for n in names[:shown]) + more
+    choices = " or ".join(f"--series {shlex.quote(c)}" for c in short[:shown]) + (" or ..." if more else "")
+    return folders, choices
 
 
 def _pick_series(path: Path, items: list, series: str | None, used: bool) -> list:
@@ -329,9 +641,9 @@ def _pick_series(path: Path, items: list, series: str | None, used: bool) -> lis
     return group
 
 
-def _dicom_affine(ds, dz: float) -> np.ndarray:
+def _dicom_affine(ds, dz: float, spacing: tuple[float, float] | None = None) -> np.ndarray:
     iop = np.asarray(ds.get("ImageOrientationPatient") or [1, 0, 0, 0, 1, 0], dtype=float)
-    dy, dx = (float(v) for v in (ds.get("PixelSpacing") or [1.0, 1.0]))
+    dy, dx = spacing if spacing is not None else (float(v) for v in (ds.get("PixelSpacing") or [1.0, 1.0]))
     row, col = iop[:3], iop[3:]
     lps = np.eye(4)
     lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * dx, col * dy, np.cross(row, col) * dz
@@ -364,19 +676,21 @@ def _read_dicom(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[n
         if series is not None:
             raise InputError(f"{path}: series='{series}' given for a single DICOM file (expected a folder or zip)")
         ds = _dcmread(path, str(path))
+        spacing, known = _pixel_spacing(ds, str(path))
+        _check_dicom_size(str(path), ds)
         arr = _pixels(str(path), ds, mask)
         spp = int(ds.get("SamplesPerPixel", 1))
         if arr.ndim - (spp > 1) != 2:
             raise InputError(f"{path}: DICOM file holds {arr.shape} pixels (expected one 2D frame; "
                              f"multi-frame files are not supported)")
-        spacing = ds.get("PixelSpacing") or [1.0, 1.0]
-        return arr, _meta(path, fmt, spacing, _dicom_affine(ds, 1.0), 2, store_affine=False,
-                          spacing_known="PixelSpacing" in ds, channels=spp, extra=_dicom_extra(ds))
+        return arr, _meta(path, fmt, spacing, _dicom_affine(ds, 1.0, spacing), 2, store_affine=False,
+                          spacing_known=known, channels=spp, extra=_dicom_extra(ds))
 
     items, used = _dicom_items(path, series)
     return _stack_series(path, fmt, _pick_series(path, items, series, used), mask)
 
 
+@_one_line_errors
 def dicom_series_datasets(path: str | os.PathLike, series: str | None = None) -> list:
     """The chosen series' full pydicom datasets (pixel data included) of a DICOM folder or zip, in exactly
     the slice order :func:`read_image` / :func:`read_mask` stack them into ``(Z, Y, X)``; ``series`` as there."""
@@ -425,13 +739,14 @@ def _stack_series(path: Path, fmt: str, items: list, mask: bool) -> tuple[np.nda
         if np.ptp(gaps) > 0.01 * dz:
             log.warning("%s: uneven slice gaps %.3f..%.3f mm, using the median %.3f", path, gaps.min(), gaps.max(), dz)
     else:
-        dz = float(first.get("SpacingBetweenSlices") or first.get("SliceThickness") or 1.0)
+        dz = _slice_spacing(first, items[0][0])
+    (dy, dx), known = _pixel_spacing(first, items[0][0])
     channels = int(first.get("SamplesPerPixel", 1))
+    _check_dicom_size(str(path), first, len(items))  # all slices share Rows x Columns (_sort_series)
     arr = np.stack([_pixels(name, ds, mask) for name, ds in items])
     if arr.ndim != 3 + (channels > 1):
         raise InputError(f"{path}: DICOM slices hold {arr.shape[1:]} pixels each (expected single-frame 2D slices)")
-    dy, dx = (float(v) for v in (first.get("PixelSpacing") or [1.0, 1.0]))
-    return arr, _meta(path, fmt, (dz, dy, dx), _dicom_affine(first, dz), 3, spacing_known="PixelSpacing" in first,
+    return arr, _meta(path, fmt, (dz, dy, dx), _dicom_affine(first, dz, (dy, dx)), 3, spacing_known=known,
                       channels=channels, extra=_dicom_extra(first, n_slices=len(items)))
 
 
@@ -443,10 +758,12 @@ _READERS: dict[str, Callable[..., tuple[np.ndarray, ImageMeta]]] = {
 
 def _read(path: str | os.PathLike, series: str | None, mask: bool) -> tuple[np.ndarray, ImageMeta]:
     p = Path(path)
-    fmt = detect_format(p)
+    fmt = detect_format(p)  # refuses FIFOs, devices, symlink loops, ... before anything opens the path
     if series is not None and fmt != "dicom":
         raise InputError(f"{p}: series='{series}' only applies to DICOM folders/zips (this is {fmt})")
     what = "mask" if mask else "image"
+    if p.is_file() and p.stat().st_size == 0:
+        raise InputError(f"{p}: file is empty (0 bytes; expected a {_FORMAT_NAMES[fmt]} {what})")
     try:
         arr, meta = _READERS[fmt](p, fmt, series, mask)
         arr = np.asarray(arr)
@@ -455,7 +772,8 @@ def _read(path: str | os.PathLike, series: str | None, mask: bool) -> tuple[np.n
     except (InputError, MemoryError):
         raise
     except Exception as exc:
-        raise InputError(f"{p}: cannot read {fmt} {what} ({type(exc).__name__}: {_oneline(exc)})") from exc
+        raise InputError(f"{p}: cannot read {fmt} {what} ({type(exc).__name__}: {_oneline(exc)}; expected a "
+                         f"valid {_FORMAT_NAMES[fmt]} file)") from exc
     meta.channels = 3 if arr.ndim == len(meta.spacing) + 1 else 1
     meta.shape = tuple(int(s) for s in arr.shape[:len(meta.spacing)])
     if arr.size == 0:
@@ -507,6 +825,7 @@ def _to_labels(arr: np.ndarray, name: str, lossy: bool = False, binarize: bool =
 
 
 # -------------------------------------------------------------------------------------------- public read
+@_one_line_errors
 def read_image(path: str | os.PathLike, *, series: str | None = None) -> tuple[np.ndarray, ImageMeta]:
     """Read an image as float32 ``(Z, Y, X)``, ``(H, W)`` or ``(H, W, 3)`` with its :class:`ImageMeta`.
 
@@ -521,6 +840,7 @@ def read_image(path: str | os.PathLike, *, series: str | None = None) -> tuple[n
     return arr, meta
 
 
+@_one_line_errors
 def read_mask(path: str | os.PathLike, *, series: str | None = None,
               reference: ImageMeta | None = None) -> tuple[np.ndarray, ImageMeta]:
     """Read a label mask as uint8 of the image's spatial shape; check it against ``reference`` if given."""
@@ -579,22 +899,6 @@ def _check_out(array: np.ndarray, meta: ImageMeta, out_path: str | os.PathLike, 
         raise InputError(f"{out}: is a folder (expected a file path for the {what})")
     if tuple(array.shape) != tuple(meta.shape):
         raise InputError(f"{out}: {what} has shape {array.shape} but input {meta.path} has shape {tuple(meta.shape)}")
-    return out
-
-
-def atomic_write(out: Path, suffix: str, write: Callable[[str], None]) -> Path:
-    """``write(tmp)`` into a temporary file beside ``out``, then rename it to ``out``: a reader never sees a
-    half-written file and a failed write leaves whatever ``out`` held before."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return out
 
 
