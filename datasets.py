@@ -71,6 +71,7 @@ class LoadedCase:
     roi: np.ndarray | None
     meta: medio.ImageMeta
     is_volume: bool
+    mask_values: tuple[int, ...] = ()  # the label values the stored mask holds (before mapping to classes)
 
 
 # ------------------------------------------------------------------------------------ discovery
@@ -130,9 +131,14 @@ def _dataset_json_labels(root: Path) -> dict[str, int]:
     if not path.is_file():
         return {}
     try:
-        labels = json.loads(path.read_text(encoding="utf-8")).get("labels", {})
+        doc = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not valid JSON ({exc})") from exc
+        raise InputError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
+    labels = doc.get("labels", {}) if isinstance(doc, dict) else None
+    if not isinstance(labels, dict):
+        found = type(doc).__name__ if not isinstance(doc, dict) else f"'labels' as a {type(labels).__name__}"
+        raise InputError(f"{path}: found {found}, expected a JSON object whose 'labels' maps values to names "
+                         '(MSD: {"1": "Anterior"}) or names to values (nnU-Net v2: {"Anterior": 1})')
     out = {}
     for k, v in labels.items():
         if str(k).lstrip("-").isdigit():  # MSD: {"1": "Anterior"}
@@ -159,15 +165,21 @@ def _dicom_structures(mask_src: Path) -> list[str]:
 
 
 def discover(data_dir: str | Path, images_dir: str | Path | None = None, masks_dir: str | Path | None = None) -> DatasetSpec:
-    """Find the layout and the cases of a dataset folder (see the module docstring)."""
-    root = Path(data_dir)
-    if not root.is_dir():
-        raise InputError(f"{root}: dataset folder not found")
+    """Find the layout and the cases of a dataset folder (see the module docstring); with ``images_dir`` and
+    ``masks_dir`` (``--data`` then optional) those two folders are paired as they are."""
     if images_dir or masks_dir:
         if not (images_dir and masks_dir):
-            raise InputError("give both --images-dir and --masks-dir (or neither)")
+            raise InputError(f"{images_dir or masks_dir}: give both --images-dir and --masks-dir (or neither)")
+        for flag, folder in (("--images-dir", images_dir), ("--masks-dir", masks_dir)):
+            if not Path(folder).is_dir():
+                raise InputError(f"{folder}: {flag} folder not found (expected a folder of image / mask files)")
+        root = Path(data_dir) if data_dir else Path(images_dir).parent
         cases = _paired_cases(root, None, Path(images_dir), Path(masks_dir))
         return DatasetSpec(root, "paired (explicit)", cases or [])
+    root = Path(data_dir)
+    if not root.is_dir():
+        raise InputError(f"{root}: dataset folder not found (expected a folder with imagesTr/+labelsTr/, images/+masks/ "
+                         "or PATIENT_DICOM+MASKS_DICOM)")
     while True:
         children = [p for p in _files(root) if p.is_dir()]
         files = [p for p in _files(root) if p.is_file() and not p.name.endswith(".md")]
@@ -220,31 +232,66 @@ def load_case(ref: CaseRef, prep: Preprocessing) -> LoadedCase:
             for structure in group:
                 m, mmeta = medio.read_mask(ref.mask, series=structure, reference=meta)
                 classes[m > 0] = k
+        values = tuple(int(v) for v in np.unique(classes))
     else:
-        mask, _ = medio.read_mask(ref.mask, reference=meta)
+        mask, mask_meta = medio.read_mask(ref.mask, reference=meta)
         classes = to_classes(mask, prep)
+        values = tuple(mask_meta.extra.get("labels", ()))
     roi = None
     if ref.roi is not None:
         r, _ = medio.read_mask(ref.roi, reference=meta)
         roi = (r > 0)[None] if not is_volume else r > 0
     planes = to_planes(image, 3 if is_volume else 2, prep)
     labels = classes if is_volume else classes[None]
-    return LoadedCase(ref, planes, labels.astype(np.uint8), roi, meta, is_volume)
+    return LoadedCase(ref, planes, labels.astype(np.uint8), roi, meta, is_volume, values)
 
 
-def load_cases(refs: list[CaseRef], prep: Preprocessing) -> list[LoadedCase]:
-    """Load every case; collect every problem and fail once listing them all (nnU-Net's dataset check)."""
+def load_cases(refs: list[CaseRef], prep: Preprocessing, declared: dict[str, int] | None = None) -> list[LoadedCase]:
+    """Load every case; collect every problem and fail once listing them all (nnU-Net's dataset check).
+
+    Problems include, besides unreadable or mismatched files: mask values that ``dataset.json`` does not
+    declare (``declared``: name -> value), and classes that no mask of the dataset holds (training on an
+    empty target would report a perfect but meaningless Dice).
+    """
     loaded, problems = [], []
+    allowed = {0, *declared.values()} if declared else None
     for ref in refs:
         try:
-            loaded.append(load_case(ref, prep))
+            case = load_case(ref, prep)
+            loaded.append(case)
         except InputError as exc:
             problems.append(str(exc))
+            continue
+        if allowed is not None and not ref.mask_series and set(case.mask_values) - allowed:
+            problems.append(f"{ref.mask}: mask holds label value(s) {sorted(set(case.mask_values) - allowed)} that "
+                            f"dataset.json does not declare (declared: {sorted(allowed)})")
+    bad_cases = len(problems)
+    if loaded and not problems:
+        problems += _absent_classes(loaded, prep)
     if problems:
         shown = "\n  - ".join(problems[:50])
         more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        raise InputError(f"dataset check failed: {len(problems)} of {len(refs)} cases have problems:\n  - {shown}{more}")
+        what = (f"{bad_cases} of {len(refs)} cases have problems" if bad_cases
+                else f"{len(problems)} problem(s) across the {len(refs)} cases")
+        raise InputError(f"dataset check failed: {what}:\n  - {shown}{more}")
     return loaded
+
+
+def _absent_classes(cases: list[LoadedCase], prep: Preprocessing) -> list[str]:
+    """One problem per class that no case's mask holds, naming the values the masks do hold."""
+    present = set()
+    for c in cases:
+        present.update(int(v) for v in np.unique(c.labels) if v)
+    found = sorted({v for c in cases for v in c.mask_values if v})
+    where = f"{cases[0].ref.mask.parent if cases[0].ref.mask else cases[0].ref.image.parent}"
+    missing = []
+    for k, name in enumerate(prep.class_names, start=1):
+        if k not in present:
+            wanted = prep.class_values[k - 1] if prep.class_values else "any non-zero value"
+            missing.append(f"{where}: class {name!r} (label value(s) {wanted}) occurs in no mask of the {len(cases)} "
+                           f"case(s); the masks hold the values {found or 'none (every mask is empty)'}; expected "
+                           f"--labels to name values the masks hold")
+    return missing
 
 
 def split_cases(refs: list[CaseRef], val_fraction: float, test_fraction: float, seed: int) -> dict[str, list[str]]:

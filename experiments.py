@@ -48,8 +48,9 @@ def run_synthetic(cfg: TrainConfig) -> dict:
     cfg.validate()
     t_run = time.perf_counter()
     set_seed(cfg.seed)
+    check_outputs(cfg)
     device, precision, dist_info = setup_run(cfg)
-    out_dir = prepare_output(cfg, device, precision) if dist_info.main else Path(cfg.output_dir)
+    out_dir = record_run(cfg, device, precision) if dist_info.main else Path(cfg.output_dir)
     log.info("使用设备: %s (%s)%s", device, precision, f", {dist_info.world_size} 个进程" if dist_info.world_size > 1 else "")
     data = data_gen.generate_dataset(cfg.num_samples, cfg.image_size, cfg.seed, cfg.difficulty)
     split = split_indices(len(data), cfg.val_fraction, cfg.test_fraction, cfg.seed)
@@ -161,14 +162,18 @@ def train_model(cfg: TrainConfig, model: UNet, train_data, validate, device: tor
     return fit(model, train_data, validate, cfg, device, precision, cfg.checkpoint, augment, extra, last, resume, dist_info)
 
 
-def prepare_output(cfg: TrainConfig, device: torch.device, precision: str, min_free_mb: int = 200) -> Path:
-    """Check, before any training, that the outputs can be written; record config, versions, device and seed.
+def check_outputs(cfg: TrainConfig, min_free_mb: int = 200) -> Path:
+    """Check, before any data is read, that the outputs can be written: the output folder and the checkpoint's
+    folder are writable with ``min_free_mb`` free, and the checkpoint path is not a folder.
 
-    Raises :class:`ConfigError` for an unwritable folder or too little free disk space, so a run fails
-    in the first second instead of after an hour of training.
+    Raises :class:`ConfigError`, so a run fails in the first second instead of after an hour of training.
     """
-    out_dir = Path(cfg.output_dir)
-    for folder in {out_dir, Path(cfg.checkpoint).resolve().parent}:
+    out_dir, ckpt = Path(cfg.output_dir), Path(cfg.checkpoint)
+    if ckpt.is_dir():
+        raise ConfigError(f"{ckpt}: --checkpoint names a folder, expected a file path such as {ckpt / 'best_unet.pth'}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"{out_dir}: --output-dir names a file, expected a folder")
+    for folder in {out_dir, ckpt.resolve().parent}:
         try:
             folder.mkdir(parents=True, exist_ok=True)
             with tempfile.NamedTemporaryFile(dir=folder, prefix=".write_test_"):
@@ -178,6 +183,12 @@ def prepare_output(cfg: TrainConfig, device: torch.device, precision: str, min_f
         free_mb = shutil.disk_usage(folder).free / 2**20
         if free_mb < min_free_mb:
             raise ConfigError(f"{folder}: only {free_mb:.0f} MB free on disk, need at least {min_free_mb} MB for checkpoints and figures")
+    return out_dir
+
+
+def record_run(cfg: TrainConfig, device: torch.device, precision: str) -> Path:
+    """``run_info.json``: config, versions, device, threads and seed of this run."""
+    out_dir = Path(cfg.output_dir)
     info = {"config": asdict(cfg), "seed": cfg.seed, "device": str(device), "dtype": precision,
             "torch_threads": torch.get_num_threads(), "command": sys.argv,
             "versions": {"python": platform.python_version(), "torch": str(torch.__version__), "numpy": np.__version__,
@@ -224,7 +235,7 @@ def load_dataset(cfg: TrainConfig) -> tuple[datasets.DatasetSpec, list, Preproce
     spec = datasets.discover(cfg.data, cfg.images_dir, cfg.masks_dir)
     refs = spec.cases[: cfg.max_cases] if cfg.max_cases else spec.cases
     if not refs:
-        raise InputError(f"{cfg.data}: no cases found ({spec.layout} layout)")
+        raise InputError(f"{spec.root}: no cases found ({spec.layout} layout; expected image files with matching masks)")
     if spec.layout == "dicom+masks":
         groups = datasets.resolve_dicom_labels(spec, cfg.labels)
         for r in refs:
@@ -236,7 +247,7 @@ def load_dataset(cfg: TrainConfig) -> tuple[datasets.DatasetSpec, list, Preproce
     first_image, first_meta = medio.read_image(refs[0].image)
     prep = auto_preprocessing(cfg, first_meta, first_image, class_values, class_names)
     log.info("数据集 %s: %s 布局, %d 例; 预处理 %s", cfg.data, spec.layout, len(refs), prep)
-    return spec, refs, prep, datasets.load_cases(refs, prep)
+    return spec, refs, prep, datasets.load_cases(refs, prep, spec.label_names)
 
 
 def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
@@ -244,17 +255,16 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
     cfg.validate()
     t_run = time.perf_counter()
     set_seed(cfg.seed)
-    out_dir = Path(cfg.output_dir)
+    out_dir = check_outputs(cfg)
     spec, refs, prep, cases = load_dataset(cfg)
     if check_only:
-        out_dir.mkdir(parents=True, exist_ok=True)
         report = dataset_report(cases, prep)
         write_json_atomic(out_dir / "dataset_report.json", report)
         return report
     device, precision, dist_info = setup_run(cfg)
     split = datasets.split_cases(refs, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     if dist_info.main:
-        prepare_output(cfg, device, precision)
+        record_run(cfg, device, precision)
         write_json_atomic(out_dir / "split.json", split)
     by_id = {c.ref.case_id: c for c in cases}
     sets = {k: [by_id[i] for i in ids] for k, ids in split.items()}

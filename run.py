@@ -15,7 +15,8 @@ import torch
 import data_gen
 from errors import MedSegError
 from experiments import run_dataset, run_synthetic
-from preprocess import WINDOW_PRESETS
+from options import TRAIN, Parser, add_number
+from preprocess import NORMALIZATIONS, WINDOW_PRESETS
 from runtime import DEVICES, PRECISIONS
 from train import LR_SCHEDULES, TASK_DEFAULTS, TrainConfig, TrainingInterrupted
 
@@ -39,19 +40,24 @@ def _task_default(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = argparse.ArgumentParser(description="Train a U-Net on synthetic organ + lesion images (医学影像分割).",
-                                formatter_class=_HelpFormatter)
-    p.add_argument("--epochs", type=int, default=d.epochs, help="training epochs")
-    p.add_argument("--num-samples", type=int, default=d.num_samples, help="synthetic images in total (train+val+test)")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="image height and width in pixels (>= 16)")
-    p.add_argument("--base-channels", type=int, default=None,
-                   help=f"U-Net width of the first level (default: {_task_default('base_channels')})")
+    p = Parser(description="Train a U-Net on synthetic organ + lesion images (医学影像分割).",
+               formatter_class=_HelpFormatter)
+
+    def num(group, flag: str, help: str, default=None, **kw) -> None:
+        name = flag[2:].replace("-", "_")
+        add_number(group, flag, TRAIN[name], getattr(d, name) if default is None else default, help, **kw)
+
+    num(p, "--epochs", "training epochs")
+    num(p, "--num-samples", "synthetic images in total (train+val+test)")
+    num(p, "--image-size", "image height and width in pixels; with --data the square training patch")
+    add_number(p, "--base-channels", TRAIN["base_channels"], None,
+               f"U-Net width of the first level (default: {_task_default('base_channels')})")
     p.add_argument("--no-bilinear", dest="bilinear", action="store_false", help="up-sample with transposed convolutions")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="training batch size")
-    p.add_argument("--lr", type=float, default=None, help=f"Adam learning rate (default: {_task_default('lr')})")
+    num(p, "--batch-size", "training batch size")
+    add_number(p, "--lr", TRAIN["lr"], None, f"Adam learning rate (default: {_task_default('lr')})")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="plateau: halve the LR when the validation loss stalls (2 epochs); poly: decay to 0 over --epochs")
-    p.add_argument("--seed", type=int, default=d.seed, help="seed for data, split, weights and batch order")
+    num(p, "--seed", "seed for data, split, weights and batch order")
     p.add_argument("--difficulty", choices=data_gen.DIFFICULTIES, default=d.difficulty,
                    help="synthetic preset: 'seed' (the post's, threshold-solvable) or 'realistic'")
     p.add_argument("--device", choices=DEVICES, default=d.device, help="auto = cuda > mps > cpu")
@@ -60,47 +66,50 @@ def build_parser() -> argparse.ArgumentParser:
                         "without bf16, else fp32")
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="keep NCHW memory layout")
     p.add_argument("--output-dir", default=d.output_dir, help="folder for figures, history.json and summary.json")
-    p.add_argument("--checkpoint", default=d.checkpoint, help="where to save the best model")
+    p.add_argument("--checkpoint", default=d.checkpoint, help="where to save the best model (a file path)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the per-epoch progress bar")
-    p.add_argument("--threads", type=int, default=d.threads, help="CPU threads for PyTorch (0 = one per core); "
-                   "1 is much faster when other jobs share the cores")
+    num(p, "--threads", "CPU threads for PyTorch (0 = one per core); 1 is much faster when other jobs share the cores")
     p.add_argument("--resume", action="store_true", help="continue from last.pth in --output-dir (after a crash or Ctrl-C)")
-    p.add_argument("--checkpoint-every", type=float, default=d.checkpoint_every, metavar="SECONDS",
-                   help="write last.pth and the best model after the first and the last epoch, and in between once "
-                        "SECONDS have passed since the previous write (0 = every epoch); a crash loses at most that much")
+    num(p, "--checkpoint-every", "write last.pth and the best model after the first and the last epoch, and in between "
+        "once SECONDS have passed since the previous write (0 = every epoch); a crash loses at most that much",
+        metavar="SECONDS")
     r = p.add_argument_group("real data (instead of synthetic images)")
     r.add_argument("--data", default=None, help="dataset folder: MSD imagesTr/labelsTr, images/+masks/ folders, or "
-                   "PATIENT_DICOM+MASKS_DICOM; --image-size is then the square training patch")
-    r.add_argument("--images-dir", default=None, help="explicit image folder (with --masks-dir)")
+                   "PATIENT_DICOM+MASKS_DICOM")
+    r.add_argument("--images-dir", default=None, help="explicit image folder (with --masks-dir; --data not needed)")
     r.add_argument("--masks-dir", default=None, help="explicit mask folder (with --images-dir)")
     r.add_argument("--labels", default=None, help="label values or names to train: '1,2' = two classes, '1+2' = merged, "
                    "DICOM structures like 'liver'; default: any foreground")
     r.add_argument("--window", default=None, help=f"CT window: a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH in HU")
-    r.add_argument("--normalize", default=d.normalize, choices=("auto", "none", "window", "zscore", "percentile", "unit"),
+    r.add_argument("--normalize", default=d.normalize, choices=("auto", *NORMALIZATIONS),
                    help="intensity normalisation; auto: window for CT, zscore for other volumes, /255 for 8-bit images")
     r.add_argument("--in-channels", type=int, default=d.in_channels, choices=(0, 1, 3), help="0 = 3 for RGB images, else 1")
-    r.add_argument("--resize", type=int, default=d.resize, help="rescale each plane so its long side has this many pixels")
-    r.add_argument("--samples-per-epoch", type=int, default=d.samples_per_epoch, help="patches per epoch (0 = one per plane, >= 256)")
-    r.add_argument("--fg-prob", type=float, default=d.fg_prob, help="share of patches centred on foreground")
+    add_number(r, "--resize", TRAIN["resize"], None, "rescale each plane so its long side has this many pixels "
+               "(default: native size)")
+    num(r, "--samples-per-epoch", "patches per epoch (0 = one per plane, at least 256)")
+    num(r, "--fg-prob", "share of patches centred on foreground")
     r.add_argument("--no-augment", dest="augment", action="store_false", help="disable flips/rotation/scaling/intensity jitter")
-    r.add_argument("--elastic", type=float, default=d.elastic, help="elastic deformation strength (0 = off, e.g. 0.03)")
-    r.add_argument("--overlap", type=float, default=d.overlap, help="sliding-window overlap at evaluation")
+    num(r, "--elastic", "elastic deformation strength (0 = off, e.g. 0.03)")
+    num(r, "--overlap", "sliding-window overlap at evaluation")
     r.add_argument("--tta", action="store_true", help="mirror test-time augmentation (4 flips averaged) on the test "
                    "cases and in predict.py; per-epoch validation stays without it")
-    r.add_argument("--val-fraction", type=float, default=d.val_fraction, help="share of cases for validation")
-    r.add_argument("--test-fraction", type=float, default=d.test_fraction, help="share of cases held out for testing")
-    r.add_argument("--max-cases", type=int, default=d.max_cases, help="use only the first N cases (0 = all)")
+    num(r, "--val-fraction", "share of cases for validation")
+    num(r, "--test-fraction", "share of cases held out for testing")
+    num(r, "--max-cases", "use only the first N cases (0 = all)")
     r.add_argument("--check", action="store_true", help="only run the dataset check and report geometry / structure volumes")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = vars(build_parser().parse_args(argv))
+    try:
+        args = vars(build_parser().parse_args(argv))
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed on one line
+        return exc.code if isinstance(exc.code, int) else 2
     check = args.pop("check")
     cfg = TrainConfig(**args)
     try:
-        if cfg.data:
+        if cfg.real_data:
             run_dataset(cfg, check_only=check)
         else:
             run_synthetic(cfg)

@@ -22,9 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from checkpoint import checkpoint_dict, save_checkpoint, write_checkpoint
+from data_gen import DIFFICULTIES
 from errors import ConfigError, MedSegError
 from inference import probs_from_logits, probs_to_labels
 from metrics import per_case_scores, segmentation_loss, summarize
+from options import TRAIN
+from preprocess import NORMALIZATIONS
 from runtime import autocast, channels_last, make_grad_scaler, to_channels_last
 
 log = logging.getLogger(__name__)
@@ -94,23 +97,17 @@ class TrainConfig:
         return bool(self.data or self.images_dir)
 
     def validate(self) -> None:
-        """Raise :class:`ConfigError` listing every invalid value at once."""
-        problems = []
-        if self.threads < 0:
-            problems.append(f"--threads must be >= 0 (got {self.threads})")
-        if not self.checkpoint_every >= 0:
-            problems.append(f"--checkpoint-every must be >= 0 seconds (got {self.checkpoint_every})")
-        for name in ("epochs", "num_samples", "base_channels", "batch_size"):
-            if getattr(self, name) < 1:
-                problems.append(f"--{name.replace('_', '-')} must be >= 1 (got {getattr(self, name)})")
-        if self.image_size < 16:
-            problems.append(f"--image-size must be >= 16 (got {self.image_size})")
-        if not self.lr > 0:
-            problems.append(f"--lr must be > 0 (got {self.lr})")
-        if not (0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1):
-            problems.append("val_fraction and test_fraction must be in [0, 1) and sum to < 1")
-        if self.lr_schedule not in LR_SCHEDULES:
-            problems.append(f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)} (got {self.lr_schedule!r})")
+        """Raise :class:`ConfigError` listing every invalid value at once (ranges: :data:`options.TRAIN`)."""
+        problems = [p for name, rng in TRAIN.items()
+                    if (getattr(self, name) is not None or name != "resize")
+                    and (p := rng.problem("--" + name.replace("_", "-"), getattr(self, name)))]
+        if self.val_fraction + self.test_fraction >= 1:
+            problems.append(f"--val-fraction + --test-fraction must be < 1 (got {self.val_fraction + self.test_fraction:g})")
+        for name, choices in (("lr_schedule", LR_SCHEDULES), ("difficulty", DIFFICULTIES),
+                              ("normalize", ("auto", *NORMALIZATIONS)), ("in_channels", (0, 1, 3))):
+            if getattr(self, name) not in choices:
+                problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))} "
+                                f"(got {getattr(self, name)!r})")
         if problems:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
 
