@@ -4,7 +4,8 @@ Reading
     ``read_image(path)`` -> ``(array, ImageMeta)`` and ``read_mask(path)`` -> ``(labels, ImageMeta)``.
 
     * 3D volumes are returned as ``(Z, Y, X)`` (slice axis first), 2D images as ``(H, W)``, or
-      ``(H, W, 3)`` for colour images whose channels differ. Images are float32 with their stored values
+      ``(H, W, 3)`` for colour images whose channels differ; a 4D NIfTI whose last axis holds the channels of
+      one scan (MSD's BrainTumour, Prostate) as ``(Z, Y, X, C)`` (``meta.channels = C``). Images are float32 with their stored values
       (HU for CT after RescaleSlope/Intercept, 0..255 for 8-bit pictures; nothing is normalised).
       Masks are uint8 label arrays of the same spatial shape; a mask stored as 0/255 (or 0/max) becomes
       0/1, palette images give their palette indices, JPEG masks are thresholded at > 127.
@@ -74,6 +75,7 @@ _FORMAT_NAMES = {"nifti": "NIfTI", "dicom": "DICOM", "png": "PNG", "jpeg": "JPEG
 _PAIR_SUFFIXES = (".hdr", ".img", ".hdr.gz", ".img.gz")
 _DICOMDIR_UID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: a DICOMDIR index
 _HEADER_WINDOW = 1 << 20  # the part of a text header (MetaImage, NRRD) that is parsed for data-file names
+MAX_CHANNELS = 16  # a 4D NIfTI with more volumes on its last axis is a time series, not the channels of one scan
 _MAX_NIFTI_OFFSET = 256 << 20  # bytes before NIfTI data (header extensions); more is skipped by decompressing
 _MAX_DATA_FILES = 10_000  # data files one detached header may name
 _LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
@@ -242,8 +244,11 @@ def _check_nifti_header(path: Path, hdr, mask: bool) -> tuple[int, ...]:
     shape = full
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
-    if len(shape) not in (2, 3):
-        raise InputError(f"{path}: NIfTI image has shape {full} (expected 2D or 3D, or 4D with a single volume)")
+    channels = len(shape) == 4 and not mask and 2 <= shape[3] <= MAX_CHANNELS  # MSD: the 4th axis holds the channels
+    if len(shape) not in (2, 3) and not channels:
+        expected = "2D or 3D, or 4D with a single volume" if mask else \
+            f"2D or 3D, or 4D with at most {MAX_CHANNELS} channels on the last axis"
+        raise InputError(f"{path}: NIfTI {'mask' if mask else 'image'} has shape {full} (expected {expected})")
     if not math.isfinite(offset) or not 0 <= offset <= _MAX_NIFTI_OFFSET:
         raise InputError(f"{path}: NIfTI header puts the image data at byte {offset:g} (expected a finite offset "
                          f"below {fileio.format_bytes(_MAX_NIFTI_OFFSET)})")
@@ -251,7 +256,7 @@ def _check_nifti_header(path: Path, hdr, mask: bool) -> tuple[int, ...]:
     itemsize = dtype.itemsize if mask else max(dtype.itemsize, 4)
     fileio.check_array_size(path, shape, itemsize, "NIfTI header",
                             dtype_name="float32" if itemsize == 4 and not mask else str(dtype))
-    pixdim = [float(v) for v in np.asarray(hdr["pixdim"], dtype=np.float64)[1:len(shape) + 1]]
+    pixdim = [float(v) for v in np.asarray(hdr["pixdim"], dtype=np.float64)[1:min(len(shape), 3) + 1]]
     if not all(math.isfinite(v) and v > 0 for v in pixdim):
         raise InputError(f"{path}: NIfTI header has an invalid voxel spacing ({', '.join(f'{v:g}' for v in pixdim)}) "
                          f"mm (expected finite positive values)")
@@ -268,9 +273,10 @@ def _read_nifti(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[n
     if not np.isfinite(np.asarray(img.affine, dtype=float)).all():
         raise InputError(f"{path}: NIfTI header has a non-finite qform/sform orientation (expected finite numbers)")
     data = np.asanyarray(img.dataobj) if mask else img.get_fdata(dtype=np.float32)
-    data = data.reshape(shape).T  # (i, j, k) -> (k, j, i)
+    ndim = min(len(shape), 3)
+    # (i, j, k) -> (k, j, i); channels, when the file has them, stay last: (k, j, i, c)
+    data = data.reshape(shape).T if len(shape) == ndim else data.reshape(shape).transpose(2, 1, 0, 3)
     hdr = img.header
-    ndim = len(shape)
     extra = {"nifti": {
         "qform": hdr.get_qform().tolist(), "qform_code": int(hdr["qform_code"]),
         "sform": hdr.get_sform().tolist(), "sform_code": int(hdr["sform_code"]),
@@ -767,14 +773,14 @@ def _read(path: str | os.PathLike, series: str | None, mask: bool) -> tuple[np.n
     try:
         arr, meta = _READERS[fmt](p, fmt, series, mask)
         arr = np.asarray(arr)
-        if meta.channels > 1:
+        if meta.channels > 1 and fmt != "nifti":  # colour pictures; a NIfTI's channels are separate scans
             arr = _collapse_channels(arr, p, mask=mask, lossy=fmt == "jpeg")
     except (InputError, MemoryError):
         raise
     except Exception as exc:
         raise InputError(f"{p}: cannot read {fmt} {what} ({type(exc).__name__}: {_oneline(exc)}; expected a "
                          f"valid {_FORMAT_NAMES[fmt]} file)") from exc
-    meta.channels = 3 if arr.ndim == len(meta.spacing) + 1 else 1
+    meta.channels = int(arr.shape[-1]) if arr.ndim == len(meta.spacing) + 1 else 1
     meta.shape = tuple(int(s) for s in arr.shape[:len(meta.spacing)])
     if arr.size == 0:
         raise InputError(f"{p}: {what} is empty (shape {arr.shape})")
@@ -852,15 +858,36 @@ def read_mask(path: str | os.PathLike, *, series: str | None = None,
     return labels, meta
 
 
-def check_pair(image_meta: ImageMeta, mask_meta: ImageMeta) -> None:
-    """Raise InputError unless the mask's spatial shape (and spacing, when both known) match the image's."""
-    if tuple(mask_meta.shape) != tuple(image_meta.shape):
-        raise InputError(f"mask {mask_meta.path} has shape {tuple(mask_meta.shape)} but image "
-                         f"{image_meta.path} has shape {tuple(image_meta.shape)}")
-    if image_meta.spacing_known and mask_meta.spacing_known and not np.allclose(
-            mask_meta.spacing, image_meta.spacing, rtol=1e-3, atol=0):
-        raise InputError(f"mask {mask_meta.path} has spacing {_fmt_tuple(mask_meta.spacing)} mm but image "
-                         f"{image_meta.path} has spacing {_fmt_tuple(image_meta.spacing)} mm")
+#: how far a mask's geometry may be from its image's: direction cosines, and origin as a share of the finest spacing
+DIRECTION_TOL = 1e-3
+ORIGIN_TOL = 0.05
+
+
+def check_pair(image_meta: ImageMeta, mask_meta: ImageMeta, what: str = "mask") -> None:
+    """Raise InputError unless the ``what`` (a mask, another channel) lies on the image's grid: same spatial shape
+    and, when both carry a geometry, the same spacing, direction and origin (within a tolerance), as nnU-Net's
+    dataset check compares them. A mirrored axis or a shifted origin would otherwise train on misaligned labels."""
+    a, b = image_meta, mask_meta
+    if tuple(b.shape) != tuple(a.shape):
+        raise InputError(f"{what} {b.path} has shape {tuple(b.shape)} but image {a.path} has shape {tuple(a.shape)}")
+    if not (a.spacing_known and b.spacing_known):
+        return
+    if not np.allclose(b.spacing, a.spacing, rtol=1e-3, atol=0):
+        raise InputError(f"{what} {b.path} has spacing {_fmt_tuple(b.spacing)} mm but image {a.path} has spacing "
+                         f"{_fmt_tuple(a.spacing)} mm")
+    if a.affine is None or b.affine is None:  # single DICOM slices, plain pictures: no full geometry to compare
+        return
+    if not np.allclose(np.asarray(b.direction), np.asarray(a.direction), atol=DIRECTION_TOL, rtol=0):
+        raise InputError(f"{what} {b.path} has direction {_fmt_rows(b.direction)} but image {a.path} has "
+                         f"{_fmt_rows(a.direction)} (expected the same axes: is one of them mirrored or rotated?)")
+    tol = ORIGIN_TOL * min(a.spacing)
+    if not np.allclose(b.origin, a.origin, atol=tol, rtol=0):
+        raise InputError(f"{what} {b.path} has origin {_fmt_tuple(b.origin)} mm but image {a.path} has "
+                         f"{_fmt_tuple(a.origin)} mm (expected them within {tol:.3g} mm)")
+
+
+def _fmt_rows(rows) -> str:
+    return "[" + ", ".join(_fmt_tuple(r) for r in rows) + "]"
 
 
 def _fmt_tuple(values) -> str:

@@ -36,8 +36,19 @@ class Preprocessing:
     patch_size:       square network input; larger planes are tiled by a sliding window
     class_values:     class k (1-based) = union of these source label values; ``None`` = any foreground
     class_names:      one name per foreground class
-    mirror_tta:       predict each window also flipped left-right, up-down and both, and average the
-                      four probability maps (nnU-Net's mirroring; 4x the inference time)
+    mirror_tta:       predict each window also flipped along every axis and average the probability maps
+                      (nnU-Net's mirroring; 4x the inference time in 2D, 8x in 3D)
+    channels:         per input channel ``{"name", "normalization", "window"}`` (multi-channel scans, e.g. MRI
+                      sequences or a CT next to an MRI); ``None``: ``normalization`` for every channel
+    zscore_nonzero:   z-score statistics over the non-zero voxels only, and zero stays zero (brain MRI whose
+                      background is 0: the background would otherwise dominate the statistics)
+    regions:          ``class_values`` are overlapping regions (BraTS: whole tumour contains tumour core contains
+                      enhancing tumour): one sigmoid output per region, labels stored as bit masks
+                      (bit k-1 set = inside region k)
+    dim:              2 (planes; a volume is predicted slice by slice) or 3 (whole volumes)
+    spacing:          3D: the target spacing (dz, dy, dx) in mm every case is resampled to
+    patch:            3D: the patch (pz, py, px) in voxels at the target spacing
+    crop_nonzero:     3D: crop each case to the box of its non-zero voxels before everything else (nnU-Net)
     """
 
     normalization: str = "none"
@@ -48,6 +59,13 @@ class Preprocessing:
     class_values: list[list[int]] | None = None
     class_names: list[str] = field(default_factory=lambda: ["lesion"])
     mirror_tta: bool = False
+    channels: list[dict] | None = None
+    zscore_nonzero: bool = False
+    regions: bool = False
+    dim: int = 2
+    spacing: list[float] | None = None
+    patch: list[int] | None = None
+    crop_nonzero: bool = False
 
     @property
     def n_classes(self) -> int:
@@ -56,8 +74,13 @@ class Preprocessing:
 
     @property
     def model_out_channels(self) -> int:
-        """1 sigmoid logit for one class, else softmax logits incl. background."""
-        return 1 if self.n_classes == 1 else self.n_classes + 1
+        """1 sigmoid logit for one class, one sigmoid per region, else softmax logits incl. background."""
+        return self.n_classes if self.regions or self.n_classes == 1 else self.n_classes + 1
+
+    @property
+    def channel_names(self) -> list[str] | None:
+        """The input channels' names (from ``dataset.json``), when the model was trained on named channels."""
+        return [str(c.get("name") or k) for k, c in enumerate(self.channels)] if self.channels else None
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first field that no model could use (a checkpoint's record is checked
@@ -85,6 +108,19 @@ class Preprocessing:
                 or not all(isinstance(g, list) and g and all(isinstance(v, int) and 0 < v < 256 for v in g)
                            for g in self.class_values)):
             raise ValueError(f"class_values {self.class_values!r}, expected one list of label values 1..255 per class")
+        if self.regions and (self.class_values is None or len(self.class_values) > 8):
+            raise ValueError("regions need class_values, at most 8 (labels are 8-bit masks)")
+        if self.channels is not None and (
+                not isinstance(self.channels, list) or len(self.channels) != self.in_channels
+                or not all(isinstance(c, dict) and c.get("normalization") in NORMALIZATIONS for c in self.channels)):
+            raise ValueError(f"channels {str(self.channels)[:120]}, expected one {{'normalization': ...}} per input channel")
+        if self.dim not in (2, 3):
+            raise ValueError(f"dim {self.dim!r}, expected 2 or 3")
+        if self.dim == 3:
+            for name, lo, hi in (("spacing", 1e-3, 1e3), ("patch", 4, 1024)):
+                v = getattr(self, name)
+                if not (isinstance(v, list) and len(v) == 3 and all(finite(x) and lo <= x <= hi for x in v)):
+                    raise ValueError(f"{name} {v!r}, expected 3 numbers in [{lo:g}, {hi:g}] for a 3D model")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -140,19 +176,20 @@ def parse_labels(text: str | None, names: dict[str, int] | None = None) -> tuple
 
 
 # -------------------------------------------------------------------------------- intensities
-def normalize(image: np.ndarray, prep: Preprocessing, channel_axis: int | None = None) -> np.ndarray:
-    """Intensity normalisation of one whole case (statistics over the whole case, per channel)."""
-    x = np.asarray(image, dtype=np.float32)
-    mode = prep.normalization
+def _normalize_one(x: np.ndarray, mode: str, window, axes, nonzero: bool) -> np.ndarray:
     if mode == "none":
         return x
     if mode == "unit":
         return x / 255.0
     if mode == "window":
-        level, width = prep.window or WINDOW_PRESETS["abdomen"]
+        level, width = window or WINDOW_PRESETS["abdomen"]
         return np.clip((x - (level - width / 2)) / width, 0.0, 1.0)
-    axes = tuple(i for i in range(x.ndim) if i != (channel_axis % x.ndim if channel_axis is not None else -99))
     if mode == "zscore":
+        if nonzero:  # statistics of the body only; the zero background stays zero
+            inside = x != 0
+            vals = x[inside] if inside.any() else x.ravel()
+            out = (x - vals.mean()) / max(float(vals.std()), 1e-6)
+            return np.where(inside, out, 0.0).astype(np.float32)
         mean, std = x.mean(axis=axes, keepdims=True), x.std(axis=axes, keepdims=True)
         return (x - mean) / np.maximum(std, 1e-6)
     if mode == "percentile":
@@ -161,38 +198,87 @@ def normalize(image: np.ndarray, prep: Preprocessing, channel_axis: int | None =
     raise ConfigError(f"unknown normalization {mode!r} (expected one of {NORMALIZATIONS})")
 
 
-def to_planes(image: np.ndarray, ndim_spatial: int, prep: Preprocessing) -> np.ndarray:
-    """Normalised image -> (Z, C, H, W) float32 with ``prep.in_channels`` channels.
+def normalize(image: np.ndarray, prep: Preprocessing, channel_axis: int | None = None) -> np.ndarray:
+    """Intensity normalisation of one whole case (statistics over the whole case, per channel).
 
-    ``ndim_spatial`` is 2 for images ((H, W) or (H, W, 3)) and 3 for volumes ((Z, H, W)).
-    RGB into a 1-channel model: ITU-R BT.601 luminance. Grey into a 3-channel model: repeated.
+    With ``prep.channels`` each channel (along ``channel_axis``) has its own normalisation; otherwise
+    ``prep.normalization`` applies to all of them.
     """
     x = np.asarray(image, dtype=np.float32)
-    rgb = x.ndim == ndim_spatial + 1 and x.shape[-1] == 3
-    x = normalize(x, prep, channel_axis=-1 if rgb else None)
-    if rgb:
-        x = np.moveaxis(x, -1, -3)  # (..., 3, H, W)
-        if prep.in_channels == 1:
-            x = (0.299 * x[..., 0, :, :] + 0.587 * x[..., 1, :, :] + 0.114 * x[..., 2, :, :])[..., None, :, :]
-    else:
-        x = x[..., None, :, :]
-        if prep.in_channels == 3:
-            x = np.repeat(x, 3, axis=-3)
-    if ndim_spatial == 2:
-        x = x[None]
-    if x.ndim != 4:
-        raise InputError(f"cannot turn an array of shape {image.shape} into planes (expected 2D, RGB 2D or 3D)")
+    if prep.channels and channel_axis is not None:
+        parts = [_normalize_one(np.take(x, c, axis=channel_axis), spec["normalization"], spec.get("window"), None,
+                                prep.zscore_nonzero) for c, spec in enumerate(prep.channels)]
+        return np.stack(parts, axis=channel_axis).astype(np.float32, copy=False)
+    if prep.channels:  # one channel, no channel axis
+        spec = prep.channels[0]
+        return _normalize_one(x, spec["normalization"], spec.get("window"), None, prep.zscore_nonzero)
+    axes = tuple(i for i in range(x.ndim) if i != (channel_axis % x.ndim if channel_axis is not None else -99))
+    return _normalize_one(x, prep.normalization, prep.window, axes, prep.zscore_nonzero)
+
+
+def _channels_first(image: np.ndarray, ndim_spatial: int, prep: Preprocessing) -> np.ndarray:
+    """Normalised (C, *spatial) float32 with ``prep.in_channels`` channels from a grey, RGB or multi-channel
+    (channel-last) array. RGB into a 1-channel model: ITU-R BT.601 luminance; grey into a 3-channel model: repeated.
+    """
+    x = np.asarray(image, dtype=np.float32)
+    has_channels = x.ndim == ndim_spatial + 1
+    if x.ndim not in (ndim_spatial, ndim_spatial + 1):
+        raise InputError(f"cannot use an array of shape {image.shape} (expected {ndim_spatial}D, optionally with "
+                         "channels last)")
+    n = x.shape[-1] if has_channels else 1
+    if n not in (1, 3, prep.in_channels) or (n != prep.in_channels and prep.channels):
+        names = f" ({', '.join(prep.channel_names)})" if prep.channel_names else ""
+        raise InputError(f"the image has {n} channels but the model takes {prep.in_channels}{names}")
+    x = normalize(x, prep, channel_axis=-1 if has_channels else None)
+    x = np.moveaxis(x, -1, 0) if has_channels else x[None]
+    if n == 3 and prep.in_channels == 1:
+        x = (0.299 * x[0] + 0.587 * x[1] + 0.114 * x[2])[None]
+    elif n == 1 and prep.in_channels == 3:
+        x = np.repeat(x, 3, axis=0)
+    return x
+
+
+def to_planes(image: np.ndarray, ndim_spatial: int, prep: Preprocessing) -> np.ndarray:
+    """Normalised image -> (Z, C, H, W) float32 planes with ``prep.in_channels`` channels (a 2D image is Z = 1;
+    a volume is sliced along its first axis). ``ndim_spatial`` is 2 for images ((H, W), (H, W, C)) and 3 for
+    volumes ((Z, H, W), (Z, H, W, C))."""
+    x = _channels_first(image, ndim_spatial, prep)
+    x = x[None] if ndim_spatial == 2 else np.moveaxis(x, 0, 1)
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def to_volume(image: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    """Normalised volume -> (C, Z, Y, X) float32 with ``prep.in_channels`` channels (the 3D network's input)."""
+    return np.ascontiguousarray(_channels_first(image, 3, prep), dtype=np.float32)
+
+
 def to_classes(mask: np.ndarray, prep: Preprocessing) -> np.ndarray:
-    """Source label values -> class indices 0..K (uint8) by ``prep.class_values``."""
+    """Source label values -> class indices 0..K (uint8) by ``prep.class_values``; for regions, bit masks
+    (bit k-1 set where the value is one of region k's)."""
     m = np.asarray(mask)
     if prep.class_values is None:
         return (m > 0).astype(np.uint8)
     out = np.zeros(m.shape, np.uint8)
     for k, vals in enumerate(prep.class_values, start=1):
-        out[np.isin(m, vals)] = k
+        if prep.regions:
+            out |= np.isin(m, vals).astype(np.uint8) << (k - 1)
+        else:
+            out[np.isin(m, vals)] = k
+    return out
+
+
+def class_mask(labels: np.ndarray, k: int, regions: bool = False) -> np.ndarray:
+    """Boolean mask of class (or region) ``k`` (1-based) in a label array from :func:`to_classes`."""
+    labels = np.asarray(labels)
+    return ((labels >> (k - 1)) & 1).astype(bool) if regions else labels == k
+
+
+def regions_to_labels(bits: np.ndarray, n_regions: int) -> np.ndarray:
+    """Region bit masks -> one label map where each voxel takes the last region (in ``--labels`` order) that holds it:
+    for nested regions listed outside-in (whole tumour, core, enhancing) that is the innermost one."""
+    out = np.zeros(np.shape(bits), np.uint8)
+    for k in range(1, n_regions + 1):
+        out[class_mask(bits, k, True)] = k
     return out
 
 

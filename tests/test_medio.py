@@ -109,9 +109,15 @@ def test_nifti_float64_labels_become_uint8(tmp_path):
 def test_nifti_4d(tmp_path):
     arr, meta = medio.read_image(save_nifti(tmp_path / "single.nii.gz", np.ones((3, 4, 5, 1), np.float32)))
     assert arr.shape == (5, 4, 3)
-    path = save_nifti(tmp_path / "multi.nii.gz", np.ones((3, 4, 5, 2), np.float32))
-    msg = raises_input_error(lambda: medio.read_image(path), "multi.nii.gz")
+    data = np.random.default_rng(0).random((3, 4, 5, 2)).astype(np.float32)
+    path = save_nifti(tmp_path / "multi.nii.gz", data)  # MSD BrainTumour-style: channels on the last axis
+    arr, meta = medio.read_image(path)
+    assert arr.shape == (5, 4, 3, 2) and meta.shape == (5, 4, 3) and meta.channels == 2
+    assert np.array_equal(arr[..., 1], data[..., 1].T)
+    msg = raises_input_error(lambda: medio.read_mask(path), "multi.nii.gz")  # a mask is one volume
     assert "expected 2D or 3D" in msg
+    series = save_nifti(tmp_path / "fmri.nii.gz", np.ones((3, 4, 5, 40), np.float32))  # a time series
+    assert "at most 16 channels" in raises_input_error(lambda: medio.read_image(series), "fmri.nii.gz")
 
 
 def test_nifti_2d_mask_written_as_nifti(tmp_path):
@@ -465,6 +471,23 @@ def test_check_pair_mismatch(tmp_path):
     raises_input_error(lambda: medio.check_pair(imeta, ometa), "fine.nii.gz", "spacing")
     ometa.spacing_known = False
     medio.check_pair(imeta, ometa)  # unknown spacing is not compared
+
+
+def test_check_pair_compares_direction_and_origin(tmp_path):
+    """Same shape and spacing, but a mirrored axis or a shifted origin: the labels would not lie on the image."""
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    data = np.zeros((6, 7, 5), np.float32)
+    _, imeta = medio.read_image(save_nifti(tmp_path / "img.nii.gz", data, affine))
+    mirrored = affine.copy()
+    mirrored[0, 0], mirrored[0, 3] = -0.8, 4.0
+    shifted = affine.copy()
+    shifted[:3, 3] = [0.0, 1.5, 0.0]
+    nearly = affine.copy()
+    nearly[:3, 3] = [0.001, 0.0, 0.0]  # a rounding difference, not a shift
+    for name, aff, words in (("mirrored", mirrored, ("direction", "mirrored")), ("shifted", shifted, ("origin",))):
+        path = save_nifti(tmp_path / f"{name}.nii.gz", data.astype(np.uint8), aff)
+        raises_input_error(lambda: medio.read_mask(path, reference=imeta), f"{name}.nii.gz", "img.nii.gz", *words)
+    medio.read_mask(save_nifti(tmp_path / "nearly.nii.gz", data.astype(np.uint8), nearly), reference=imeta)
 
 
 def test_write_refuses_to_overwrite_input(tmp_path):
