@@ -5,13 +5,10 @@ pipelines in fresh processes.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import logging
 import tempfile
 import time
-import warnings
 from dataclasses import replace
 from pathlib import Path
 from types import ModuleType
@@ -104,40 +101,35 @@ def make_runners(model: nn.Module, example: torch.Tensor, *, bf16: bool, onnx: b
             info["compile_skipped"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:200]}"
             log.warning("torch.compile skipped: %s", info["compile_skipped"])
     if onnx:
-        ort_run, ort_info = onnx_runner(fold, example)
+        ort_run, ort_info = onnx_runner(fold)
         info.update(ort_info)
         if ort_run is not None:
             runners["onnxruntime_fp32"] = ort_run
     return runners, info
 
 
-def onnx_runner(model: nn.Module, example: torch.Tensor) -> tuple[Runner | None, dict]:
-    """Export ``model`` (batch dynamic) and wrap an ONNX Runtime CPU session around it."""
+def onnx_runner(model: UNet) -> tuple[Runner | None, dict]:
+    """``model`` through ``export.py``, the project's one ONNX path: exported with BatchNorm folded and dynamic
+    batch and spatial sizes, then run by its onnxruntime CPU session (no spinning threads) as an ``OnnxNet``."""
     try:
         import onnxruntime as ort
     except ImportError:
-        return None, {"onnx_skipped": "onnxruntime is not installed (pip install onnxruntime onnx onnxscript)"}
-    model = copy.deepcopy(model).to(memory_format=torch.contiguous_format).float().eval()  # never touch the caller's
-    path = Path(tempfile.mkdtemp(prefix="bench_onnx_")) / "unet.onnx"
+        return None, {"onnx_skipped": "onnxruntime is not installed (pip install onnxruntime onnx)"}
+    import export
+    from errors import ConfigError
+
     t0 = time.perf_counter()
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(model, (example[:1].contiguous(),), str(path), input_names=["x"], output_names=["logits"],
-                              dynamo=False, dynamic_axes={"x": {0: "batch"}, "logits": {0: "batch"}})
-    except Exception as exc:  # exporter missing (onnx) or unsupported op
-        return None, {"onnx_skipped": f"export failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"}
-    export_s = time.perf_counter() - t0
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = torch.get_num_threads()
-    # no busy-waiting worker threads: they would keep spinning and slow down every torch measurement after this one
-    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    def ort_run(x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(sess.run(None, {"x": x.contiguous().numpy()})[0])
-
-    return ort_run, {"onnx_export_seconds": export_s, "onnxruntime": ort.__version__}
+    with tempfile.TemporaryDirectory(prefix="bench_onnx_") as tmp:
+        path = Path(tmp) / "unet.onnx"
+        try:
+            export.export_model(model, path)
+        except ConfigError as exc:  # onnx not installed
+            return None, {"onnx_skipped": str(exc)}
+        except Exception as exc:  # noqa: BLE001 - unsupported op or exporter failure: the benchmark goes on
+            return None, {"onnx_skipped": f"export failed ({type(exc).__name__}: {' '.join(str(exc).split())[:200]})"}
+        export_s = time.perf_counter() - t0
+        session = export.create_session(path)  # read into memory: the file may go with the folder
+    return export.OnnxNet(session, model.args), {"onnx_export_seconds": export_s, "onnxruntime": ort.__version__}
 
 
 def randomize_bn(model: nn.Module, seed: int) -> None:
