@@ -2,7 +2,8 @@
 
 Every error a user can cause (bad file, wrong shape, mismatched checkpoint, ...) is raised as a
 subclass of :class:`MedSegError` with a one-line message that names the file and says what was
-expected, so CLIs can print it politely without a traceback.
+expected, so CLIs can print it politely without a traceback; :func:`oneline` turns any exception into
+such a line.
 """
 from __future__ import annotations
 
@@ -21,3 +22,10 @@ class CheckpointError(MedSegError, ValueError):
 
 class ConfigError(MedSegError, ValueError):
     """A configuration value or command-line option is invalid."""
+
+
+def oneline(exc: BaseException, limit: int = 300) -> str:
+    """``exc``'s message as one line for a status box or a log (white space folded, the exception's type name
+    when the message is empty), cut to ``limit`` characters."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[:limit - 3] + "..."

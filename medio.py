@@ -57,7 +57,7 @@ from typing import Any
 import numpy as np
 
 import fileio
-from errors import InputError
+from errors import InputError, oneline
 from fileio import atomic_write, json_safe  # re-exported for old callers (predict, app); new code imports fileio
 
 log = logging.getLogger(__name__)
@@ -110,11 +110,6 @@ class ImageMeta:
             d[key] = tuple(d[key])
         d["direction"] = tuple(tuple(row) for row in d["direction"])
         return cls(**d)
-
-
-def _oneline(exc: BaseException) -> str:
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 200 else text[:197] + "..."
 
 
 def _one_line_errors(fn):
@@ -218,7 +213,7 @@ def _nifti_header(path: Path):
             else:
                 block = raw.read(540)
         except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            raise InputError(f"{path}: cannot decompress ({type(exc).__name__}: {_oneline(exc)}; expected an "
+            raise InputError(f"{path}: cannot decompress ({type(exc).__name__}: {oneline(exc, 200)}; expected an "
                              f"intact .nii.gz)") from None
     sizes = {int.from_bytes(block[:4], order) for order in ("little", "big")} if len(block) >= 4 else set()
     klass, nbytes = (nib.Nifti1Header, 348) if 348 in sizes else (nib.Nifti2Header, 540) if 540 in sizes else (None, 0)
@@ -228,7 +223,7 @@ def _nifti_header(path: Path):
     try:
         return klass(binaryblock=block[:nbytes], check=False)
     except Exception as exc:  # noqa: BLE001 - any parse failure is a bad header
-        raise InputError(f"{path}: NIfTI header cannot be parsed ({_oneline(exc)}; expected a valid NIfTI-1/2 "
+        raise InputError(f"{path}: NIfTI header cannot be parsed ({oneline(exc, 200)}; expected a valid NIfTI-1/2 "
                          f"header)") from None
 
 
@@ -239,7 +234,7 @@ def _check_nifti_header(path: Path, hdr, mask: bool) -> tuple[int, ...]:
         dtype = np.dtype(hdr.get_data_dtype())
         offset = float(hdr["vox_offset"])
     except Exception as exc:  # noqa: BLE001 - dim[0] out of range, unknown datatype code, ...
-        raise InputError(f"{path}: NIfTI header is invalid ({_oneline(exc)}; expected a valid dim, datatype and "
+        raise InputError(f"{path}: NIfTI header is invalid ({oneline(exc, 200)}; expected a valid dim, datatype and "
                          f"vox_offset)") from None
     shape = full
     while len(shape) > 3 and shape[-1] == 1:
@@ -486,7 +481,7 @@ def _dcmread(src, name: str):
         head = src.read(132) if isinstance(src, io.BytesIO) else fileio.read_head(src, 132)
         if head[128:132] != b"DICM":
             raise InputError(f"{name}: {_NOT_DICOM}") from exc
-        raise InputError(f"{name}: cannot read DICOM file ({type(exc).__name__}: {_oneline(exc)}; "
+        raise InputError(f"{name}: cannot read DICOM file ({type(exc).__name__}: {oneline(exc, 200)}; "
                          f"expected an intact DICOM file)") from exc
     meta = getattr(ds, "file_meta", None)
     if str((meta or {}).get("MediaStorageSOPClassUID", "")) == _DICOMDIR_UID or "DirectoryRecordSequence" in ds:
@@ -557,7 +552,7 @@ def _check_dicom_size(name: str, ds, n_slices: int = 1) -> None:
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         spp = int(ds.get("SamplesPerPixel", 1) or 1)
     except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{name}: DICOM Rows / Columns / NumberOfFrames are not integers ({_oneline(exc)}; "
+        raise InputError(f"{name}: DICOM Rows / Columns / NumberOfFrames are not integers ({oneline(exc, 200)}; "
                          f"expected an image header)") from None
     if rows <= 0 or cols <= 0 or frames <= 0 or spp <= 0:
         raise InputError(f"{name}: DICOM header has Rows x Columns = {rows} x {cols}, {frames} frame(s), {spp} "
@@ -662,7 +657,7 @@ def _pixels(name: str, ds, mask: bool) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as exc:
-        raise InputError(f"{name}: cannot decode DICOM pixel data ({type(exc).__name__}: {_oneline(exc)})") from exc
+        raise InputError(f"{name}: cannot decode DICOM pixel data ({type(exc).__name__}: {oneline(exc, 200)})") from exc
     if mask:
         return arr
     slope, inter = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
@@ -709,7 +704,7 @@ def dicom_series_datasets(path: str | os.PathLike, series: str | None = None) ->
     except (InputError, MemoryError):
         raise
     except Exception as exc:
-        raise InputError(f"{p}: cannot read DICOM series ({type(exc).__name__}: {_oneline(exc)})") from exc
+        raise InputError(f"{p}: cannot read DICOM series ({type(exc).__name__}: {oneline(exc, 200)})") from exc
     return [ds for _, ds in items]
 
 
@@ -778,7 +773,7 @@ def _read(path: str | os.PathLike, series: str | None, mask: bool) -> tuple[np.n
     except (InputError, MemoryError):
         raise
     except Exception as exc:
-        raise InputError(f"{p}: cannot read {fmt} {what} ({type(exc).__name__}: {_oneline(exc)}; expected a "
+        raise InputError(f"{p}: cannot read {fmt} {what} ({type(exc).__name__}: {oneline(exc, 200)}; expected a "
                          f"valid {_FORMAT_NAMES[fmt]} file)") from exc
     meta.channels = int(arr.shape[-1]) if arr.ndim == len(meta.spacing) + 1 else 1
     meta.shape = tuple(int(s) for s in arr.shape[:len(meta.spacing)])
