@@ -12,10 +12,12 @@ Two presets:
 Every sample ``i`` of a dataset is drawn from its own ``numpy.random.Generator`` spawned from
 ``SeedSequence(seed)``, so sample ``i`` depends only on ``(seed, i, size, difficulty)``: the global
 NumPy RNG is never touched and growing ``num_samples`` keeps the earlier samples unchanged.
-All pixel work is vectorised (no per-pixel Python loops).
+All pixel work is vectorised (no per-pixel Python loops). :func:`synthetic_volume` grows a ``seed`` sample into
+a coherent 3D volume (the demo page's bundled volume example).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -176,3 +178,85 @@ def generate_dataset(num_samples: int, image_size: int = 64, seed: int = 42,
     samples = [generate_sample(np.random.default_rng(s), image_size, image_size, difficulty) for s in children]
     images, lesions, organs = (np.stack(a) for a in zip(*samples))
     return SyntheticData(images.astype(np.float32), lesions, organs)
+
+
+def _scaled_mask(mask: np.ndarray, factor: float, centre: tuple[float, float]) -> np.ndarray:
+    """``mask`` shrunk by ``factor`` about ``centre`` (nearest neighbour)."""
+    if factor < 0.08:
+        return np.zeros_like(mask, bool)
+    c = np.asarray(centre, float)
+    out = ndimage.affine_transform(mask.astype(np.float32), np.eye(2) / factor, offset=c - c / factor, order=1)
+    return out > 0.5
+
+
+def synthetic_volume(size: int, seed: int, n_slices: int = 16, slice_mm: float = 1.5,
+                     pixel_mm: float = 0.8) -> np.ndarray:
+    """A coherent synthetic volume (Z, Y, X) in [0, 1]: the ``seed`` preset's organ grown into an ellipsoid-like
+    body that shrinks towards both ends, with its bright lesion as a roughly round blob in the middle slices
+    (intensities and noise as in the ``seed`` preset). The demo page bundles one as its volume example."""
+    rng = np.random.default_rng(seed)
+    _, lesion, organ = generate_sample(rng, size, size, "seed")
+    organ_c = tuple(np.argwhere(organ).mean(0))
+    lesion_c = tuple(np.argwhere(lesion).mean(0)) if lesion.any() else organ_c
+    lesion_half = max(1.5, math.sqrt(lesion.sum() / math.pi) * pixel_mm / slice_mm)  # in slices: about round
+    organ_level, lesion_level = rng.uniform(0.3, 0.5), rng.uniform(0.7, 0.9)
+    zc = (n_slices - 1) / 2
+    vol = np.empty((n_slices, size, size), np.float32)
+    for z in range(n_slices):
+        t_org, t_les = (z - zc) / (zc + 1.0), (z - zc) / lesion_half
+        org = _scaled_mask(organ, math.sqrt(max(0.0, 1 - t_org * t_org)), organ_c)
+        les = _scaled_mask(lesion, math.sqrt(max(0.0, 1 - t_les * t_les)), lesion_c) & org
+        sl = rng.normal(0.08, 0.03, (size, size)).astype(np.float32)
+        sl[org] = organ_level + rng.normal(0, 0.03, int(org.sum()))
+        sl[les] = lesion_level + rng.normal(0, 0.02, int(les.sum()))
+        vol[z] = sl + np.linspace(0, 0.06, size, dtype=np.float32)[:, None]
+    return np.clip(vol, 0, 1)
+
+
+def two_channel_case(rng: np.random.Generator, shape: tuple[int, int, int],
+                     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+    """A two-channel volume ((Z, Y, X, 2) float32) whose lesion only the two channels together show.
+
+    Each channel holds one bright ellipsoid (its own "sequence" sees its own structure) on noise; the lesion
+    (label 1) is where the two overlap, so neither channel alone can place it. Sizes are in mm, so the same
+    anatomy comes out on any ``spacing`` (e.g. 5 mm slices).
+    """
+    z, y, x = (np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing))
+    zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
+    extent = np.array([n * s for n, s in zip(shape, spacing)], np.float32)
+    centre = extent / 2 + rng.uniform(-0.1, 0.1, 3) * extent
+    radius = extent * rng.uniform(0.22, 0.3, 3)
+    shift = rng.normal(size=3)
+    shift *= 0.6 * radius / np.linalg.norm(shift)  # the two ellipsoids overlap over a good part of their volume
+
+    def ellipsoid(c: np.ndarray) -> np.ndarray:
+        return ((zz - c[0]) / radius[0]) ** 2 + ((yy - c[1]) / radius[1]) ** 2 + ((xx - c[2]) / radius[2]) ** 2 <= 1
+
+    a, b = ellipsoid(centre - shift / 2), ellipsoid(centre + shift / 2)
+    image = rng.normal(0.1, 0.05, (*shape, 2)).astype(np.float32)
+    image[..., 0][a] += rng.uniform(0.6, 0.9)
+    image[..., 1][b] += rng.uniform(0.6, 0.9)
+    return image, (a & b).astype(np.uint8)
+
+
+def write_two_channel_dataset(root, n_cases: int, shape: tuple[int, int, int] = (20, 20, 20),
+                              spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), seed: int = 0) -> None:
+    """nnU-Net's raw layout of :func:`two_channel_case` volumes: ``imagesTr/case_NNN_0000.nii.gz`` (channel A),
+    ``case_NNN_0001.nii.gz`` (channel B), ``labelsTr/case_NNN.nii.gz`` and a ``dataset.json`` naming both."""
+    import json
+    from pathlib import Path
+
+    import nibabel as nib
+
+    root = Path(root)
+    (root / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (root / "labelsTr").mkdir(parents=True, exist_ok=True)
+    affine = np.diag([*spacing[::-1], 1.0])  # NIfTI (i, j, k) = (x, y, z)
+    for i, s in enumerate(np.random.SeedSequence(seed).spawn(n_cases)):
+        image, labels = two_channel_case(np.random.default_rng(s), shape, spacing)
+        for c in range(2):
+            nib.save(nib.Nifti1Image(np.ascontiguousarray(image[..., c].T), affine), str(root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.T), affine), str(root / "labelsTr" / f"case_{i:03d}.nii.gz"))
+    doc = {"name": "two-channel synthetic", "channel_names": {"0": "A", "1": "B"},
+           "labels": {"background": 0, "lesion": 1}, "numTraining": n_cases, "file_ending": ".nii.gz"}
+    (root / "dataset.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")

@@ -19,9 +19,13 @@ import torch
 from PIL import Image
 
 import app
-import predict
+import data_gen
+import diagnosis
+import display
+import page
 import report
-from train import TrainConfig
+from diagnosis import DiagnosisSettings
+from page_text import tr
 
 CHROMIUM = Path(os.environ.get("MEDSEG_CHROMIUM", "/usr/bin/chromium"))
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -32,21 +36,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory) -> Path:
-    """A real checkpoint from the real training path: 32-px synthetic images, base 8, ~3 s on one core.
-    (One epoch of 24 images finds no lesion at all; this finds them in the bundled examples.)"""
-    import experiments
-
-    out = tmp_path_factory.mktemp("train")
-    cfg = TrainConfig(epochs=10, num_samples=64, image_size=32, base_channels=8, device="cpu", progress=False,
-                      output_dir=str(out), checkpoint=str(out / "m.pth"), seed=0)
-    experiments.run_synthetic(cfg)
-    return out / "m.pth"
+def ckpt(trained_model) -> Path:
+    """The session's trained checkpoint (tests/conftest.py): it finds the lesions of the bundled examples."""
+    return trained_model.checkpoint
 
 
 @pytest.fixture(scope="module")
 def demo_app(ckpt):
-    a = app.DemoApp(ckpt, lang="en", device="cpu")
+    a = page.DemoApp(ckpt, lang="en", device="cpu")
     yield a
     a.close()
 
@@ -80,7 +77,7 @@ def test_example_gives_overlay_findings_table_and_downloads(demo_app):
     assert "medseg-ok" in v.status and ex.name in v.status
     p = v.panels
     assert p.input.shape == p.overlay.shape and p.input.dtype == np.uint8 and p.input.shape[2] == 3
-    assert max(p.input.shape[:2]) == app.DISPLAY_PX
+    assert max(p.input.shape[:2]) == display.DISPLAY_PX
     red = (p.overlay[..., 0] > 200) & (p.overlay[..., 1] < 90)  # lesion outline / badge
     assert red.sum() > 20 and not ((p.input[..., 0] > 200) & (p.input[..., 1] < 90)).any()
     assert p.probability.shape[0] == p.input.shape[0]
@@ -93,9 +90,9 @@ def test_example_gives_overlay_findings_table_and_downloads(demo_app):
                                        "example_1_seed_report.json"]
     assert all(f.is_file() and s.dir in f.parents for f in files)
     mask = np.asarray(Image.open(files[0]))
-    assert mask.shape == s.case.meta.shape and set(np.unique(mask)) <= {0, 255}
+    assert mask.shape == s.case.diagnosis.meta.shape and set(np.unique(mask)) <= {0, 255}
     rep = json.loads(files[2].read_text(encoding="utf-8"))
-    assert rep["schema"] == predict.REPORT_SCHEMA and len(rep["lesions"]) == len(v.rows)
+    assert rep["schema"] == diagnosis.REPORT_SCHEMA and len(rep["lesions"]) == len(v.rows)
     page = files[1].read_text(encoding="utf-8")
     assert rep["summary"]["findings"] in page and "data:image/png;base64," in page
     demo_app.end_session("t1")
@@ -109,32 +106,33 @@ def test_settings_reuse_cached_probabilities(demo_app):
         v = demo_app.analyse_example(s, demo_app.examples[0].name, "en", 0.5, 0)
         assert v.ok and counter.n >= 1  # one prediction per upload
         calls = counter.n
-        probs = s.case.probs
+        probs = s.case.diagnosis.probs
         lo = demo_app.update_settings(s, "en", 0.2, 0)
-        n_lo = int(s.case.labels.sum())
+        n_lo = int(s.case.diagnosis.labels.sum())
         hi = demo_app.update_settings(s, "en", 0.9, 0)
-        n_hi = int(s.case.labels.sum())
+        n_hi = int(s.case.diagnosis.labels.sum())
         assert lo.ok and hi.ok and "no new inference" in hi.status
-        assert n_lo >= n_hi and s.case.threshold == 0.9
+        assert n_lo >= n_hi and s.case.diagnosis.settings.threshold == 0.9
         huge = demo_app.update_settings(s, "en", 0.5, 1e6)
         assert huge.rows == [] and "No suspected lesion" in huge.findings
         assert demo_app.show_slice(s, 3) is not None
         demo_app.refresh(s, "zh")
         assert counter.n == calls, "threshold / size / slice / language changes must not run the model"
-        assert s.case.probs is probs
+        assert s.case.diagnosis.probs is probs
     finally:
         counter.close()
         s.cleanup()
 
 
 def test_report_matches_predict_case(demo_app, tmp_path):
-    """The downloads come from the cached result but equal what predict.predict_case writes."""
+    """The downloads come from the cached result but equal what predict.py's predict_case writes."""
     ex = demo_app.examples[1]
     s = demo_app.new_session()
     demo_app.analyse_example(s, ex.name, "zh", 0.4, 3)
     files = demo_app.write_downloads(s, "zh")
     ours = json.loads(Path(files[2]).read_text(encoding="utf-8"))
-    ref = predict.predict_case(demo_app.bundle, ex.path, tmp_path, threshold=0.4, min_lesion_size=3, lang="zh")
+    ref = diagnosis.predict_case(demo_app.bundle, ex.path, tmp_path,
+                                 DiagnosisSettings(threshold=0.4, min_lesion_size=3, lang="zh"))
     theirs = json.loads((ref.output_dir / "report.json").read_text(encoding="utf-8"))
     for rep in (ours, theirs):
         for key in ("generated_at", "timing", "software", "outputs"):
@@ -204,7 +202,7 @@ def test_jpeg_tiff_and_dicom_zip_uploads(demo_app, tmp_path, monkeypatch):
         assert v.ok and v.rows, v.status
         assert Path(demo_app.write_downloads(s, "en")[0]).name == "scan_mask.png"  # 2D: PNG mask
 
-    vol = np.round(app.synthetic_volume(32, seed=4, n_slices=8) * 255)
+    vol = np.round(data_gen.synthetic_volume(32, seed=4, n_slices=8) * 255)
     z = dicom_zip(tmp_path / "series.zip", vol)
     v = demo_app.analyse_upload(s, z, "en", 0.5, 0)
     assert v.ok and v.n_slices == 8 and v.min_size_unit == "mm³", v.status
@@ -213,7 +211,7 @@ def test_jpeg_tiff_and_dicom_zip_uploads(demo_app, tmp_path, monkeypatch):
     rep = json.loads(files[2].read_text(encoding="utf-8"))
     assert rep["input"]["format"] == "dicom" and rep["input"]["patient"]["id"] == "D001"
 
-    monkeypatch.setattr(app, "MAX_UNPACKED_MB", 1e-3)
+    monkeypatch.setattr(page, "MAX_UNPACKED_MB", 1e-3)
     v = demo_app.analyse_upload(s, z, "en", 0.5, 0)
     assert not v.ok and "unpacks to" in v.status
     s.cleanup()
@@ -233,10 +231,14 @@ def test_bad_uploads_get_polite_messages_and_the_app_keeps_working(demo_app, tmp
     assert "Unsupported file type" in demo_app.analyse_upload(s, txt, "en", 0.5, 0).status
     assert "不支持" in demo_app.analyse_upload(s, txt, "zh", 0.5, 0).status
 
-    four_d = tmp_path / "two_volumes.nii.gz"
-    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 2), np.float32), np.eye(4)), str(four_d))
-    v = demo_app.analyse_upload(s, four_d, "en", 0.5, 0)
+    series = tmp_path / "time_series.nii.gz"  # 4D with more volumes than a scan has channels
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 20), np.float32), np.eye(4)), str(series))
+    v = demo_app.analyse_upload(s, series, "en", 0.5, 0)
     assert not v.ok and "expected 2D or 3D" in v.status
+    two_channels = tmp_path / "two_channels.nii.gz"  # a 2-channel scan for a 1-channel model
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4, 2), np.float32), np.eye(4)), str(two_channels))
+    v = demo_app.analyse_upload(s, two_channels, "en", 0.5, 0)
+    assert not v.ok and "Could not analyse two_channels.nii.gz" in v.status and "expected grey or RGB" in v.status
 
     monkeypatch.setattr(demo_app, "max_upload_mb", 1e-4)
     v = demo_app.analyse_upload(s, demo_app.examples[0].path, "en", 0.5, 0)
@@ -256,15 +258,15 @@ def test_language_switch_uses_the_report_translations(demo_app):
     zh = demo_app.refresh(s, "zh")
     assert zh.headers[0] == report.t("no", "zh") and zh.rows[0][1] == "病灶"
     assert "检出" in zh.findings and "已分析" in zh.status
-    assert app.tr("upload", "zh", limit=200) != app.tr("upload", "en", limit=200)
+    assert tr("upload", "zh", limit=200) != tr("upload", "en", limit=200)
     s.cleanup()
 
 
 def test_no_checkpoint_explains_how_to_train(ckpt, tmp_path):
     missing = tmp_path / "best_unet.pth"
-    a = app.DemoApp(missing)
+    a = page.DemoApp(missing)
     try:
-        assert a.bundle is None and len(a.examples) == len(app.EXAMPLES)
+        assert a.bundle is None and len(a.examples) == len(page.EXAMPLES)
         en, zh = a.model_html("en"), a.model_html("zh")
         assert f"No model found at {missing}" in en and "python run.py" in en and "15 s" in en
         assert "未找到模型" in zh and "python run.py" in zh
@@ -272,7 +274,7 @@ def test_no_checkpoint_explains_how_to_train(ckpt, tmp_path):
         assert not v.ok and "python run.py" in v.status
         corrupt = tmp_path / "corrupt.pth"
         corrupt.write_bytes(b"not a checkpoint")
-        b = app.DemoApp(corrupt)
+        b = page.DemoApp(corrupt)
         assert b.bundle is None and "could not be loaded" in b.model_html("en")
         b.close()
         # a model trained meanwhile is picked up by "Reload model", without a restart

@@ -16,17 +16,19 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from test_medio import ct_slice
 
 import medio
+from checkpoint import load_checkpoint, save_checkpoint
 from errors import MedSegError
 from metrics import case_scores, hd95, per_case_scores
 from model import UNet
-from checkpoint import load_checkpoint, save_checkpoint
 from train import TrainConfig
-from test_medio import ct_slice
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 SUFFIXES = [".nii", ".nii.gz", ".dcm", ".zip", ".png", ".jpg", ".bmp", ".tif", ".gif", ".nrrd", ".mha"]
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: small tensors on a shared CPU
 
 
 def _valid_files(folder: Path) -> dict[str, bytes]:
@@ -129,17 +131,9 @@ def test_empty_files(tmp_path):
         load_checkpoint(tmp_path / "e.pth")
 
 
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    save_checkpoint(path, UNet(base_channels=2), TrainConfig(image_size=32), 1, {},
-                    {"preprocessing": {"normalization": "unit", "patch_size": 32, "class_names": ["lesion"]}})
-    return path
-
-
 @FUZZ
 @given(data=st.binary(max_size=400), suffix=st.sampled_from(SUFFIXES))
-def test_predict_entry_point_on_random_inputs(tmp_path, tiny_checkpoint, data, suffix, capsys):
+def test_predict_entry_point_on_random_inputs(tmp_path, trained_model, data, suffix, capsys):
     import predict
 
     src = tmp_path / "in"
@@ -147,7 +141,7 @@ def test_predict_entry_point_on_random_inputs(tmp_path, tiny_checkpoint, data, s
     path = src / f"scan{suffix}"
     path.write_bytes(data)
     before = hashlib.sha256(data).hexdigest()
-    code = predict.main(["--checkpoint", str(tiny_checkpoint), "--input", str(path), "--output-dir", str(tmp_path / "out"),
+    code = predict.main(["--checkpoint", str(trained_model.checkpoint), "--input", str(path), "--output-dir", str(tmp_path / "out"),
                          "--no-progress", "--device", "cpu"])
     out = capsys.readouterr()
     assert code in (0, 1)

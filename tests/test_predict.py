@@ -1,5 +1,6 @@
-"""predict.py / report.py: stand-in models with exactly known outputs, hand-made masks with known sizes,
-geometry of the written masks, batch behaviour of the CLI, and agreement with training-time evaluation."""
+"""predict.py and the diagnosis core it runs (diagnosis.py, measure.py, roles.py) with report.py: stand-in models
+with exactly known outputs, hand-made masks with known sizes, geometry of the written masks, batch behaviour of the
+CLI, and agreement with training-time evaluation."""
 from __future__ import annotations
 
 import hashlib
@@ -14,24 +15,29 @@ import pytest
 import torch
 from PIL import Image
 from pydicom.uid import generate_uid
+from scan_fixtures import ct_slice, oblique_affine
 from torch import nn
 
 import data_gen
+import diagnosis
+import measure
 import medio
 import predict
 import report
+from checkpoint import save_checkpoint
+from diagnosis import DiagnosisSettings as Settings
 from errors import CheckpointError, InputError
 from metrics import per_case_scores
 from model import UNet
 from preprocess import Preprocessing
-from scan_fixtures import ct_slice, oblique_affine
-from checkpoint import save_checkpoint
+from roles import class_roles
 from train import TrainConfig, split_indices
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 needs_data = pytest.mark.skipif(not DATA.exists(), reason=f"real data not found at {DATA}")
 NOTICE_ZH = "本报告由科研软件自动生成，不是医疗器械，不能作为临床诊断依据。"
 NOTICE_EN = "Research software, not a medical device; not for clinical diagnosis."
+NO_FONT = Settings(embed_font=False)  # the report's font subset takes time and is tested once
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -50,9 +56,9 @@ class ThreeClassModel(nn.Module):
         return torch.cat([torch.zeros_like(v), 20.0 * (v - 0.25), 40.0 * (v - 0.5)], dim=1)
 
 
-def bundle(model: nn.Module | None = None, **prep) -> predict.ModelBundle:
+def bundle(model: nn.Module | None = None, **prep) -> diagnosis.ModelBundle:
     p = Preprocessing(**{"normalization": "none", "patch_size": 16, "class_names": ["lesion"], **prep})
-    return predict.ModelBundle(model=model or StepModel(), prep=p, device=torch.device("cpu"), precision="fp32",
+    return diagnosis.ModelBundle(model=model or StepModel(), prep=p, device=torch.device("cpu"), precision="fp32",
                                channels_last=False)
 
 
@@ -99,15 +105,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory) -> Path:
-    """A real, tiny U-Net checkpoint (base 4) with a preprocessing record: 8-bit images, 16-px patches."""
-    torch.manual_seed(0)
-    model = UNet(n_channels=1, n_classes=1, base_channels=4)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.pth"
-    prep = Preprocessing(normalization="unit", patch_size=16, class_names=["lesion"])
-    save_checkpoint(path, model, TrainConfig(image_size=16, base_channels=4), 1, {"dice": 0.5},
-                    extra={"preprocessing": prep.to_dict()})
-    return path
+def ckpt(trained_model) -> Path:
+    """The session's trained checkpoint (tests/conftest.py): base 8, 8-bit images, 32-px patches."""
+    return trained_model.checkpoint
 
 
 # -------------------------------------------------------------------------------------- measurements
@@ -119,7 +119,7 @@ def test_two_lesions_2d_areas_diameters_anisotropic():
     probs[0, 0, 2:6, 3:9] = 0.8
     probs[0, 0, 2, 3] = 0.96
     probs[0, 0, 20:22, 30:33] = 0.6
-    res = predict.analyze_mask(labels, probs, meta2d((30, 40), (0.5, 0.8)), Preprocessing())
+    res = measure.analyze_mask(labels, probs, meta2d((30, 40), (0.5, 0.8)), Preprocessing())
     big, small = res["lesions"]
     assert (big["id"], big["pixels"], small["id"], small["pixels"]) == (1, 24, 2, 6)
     assert big["area_mm2"] == pytest.approx(24 * 0.4) and small["area_mm2"] == pytest.approx(6 * 0.4)
@@ -133,7 +133,7 @@ def test_two_lesions_2d_areas_diameters_anisotropic():
     assert s["n_lesions"] == 2 and s["lesion_total"]["area_mm2"] == pytest.approx(12.0)
     assert s["max_diameter_mm"] == pytest.approx(5.2) and s["lesion_burden_percent"] is None
 
-    unknown = predict.analyze_mask(labels, None, meta2d((30, 40), known=False), Preprocessing())
+    unknown = measure.analyze_mask(labels, None, meta2d((30, 40), known=False), Preprocessing())
     les = unknown["lesions"][0]
     assert les["area_mm2"] is None and les["max_diameter_mm"] is None
     assert les["max_diameter_px"] == pytest.approx(math.hypot(4, 6)) and les["mean_probability"] is None
@@ -152,8 +152,8 @@ def test_max_diameter_equals_brute_force_over_voxel_corners():
             mask.flat[0] = True
             corners = np.array(list(itertools.product((-0.5, 0.5), repeat=len(shape))))
             pts = ((np.argwhere(mask)[:, None, :] + corners[None]).reshape(-1, len(shape))) * np.asarray(spacing)
-            assert predict.max_diameter(mask, spacing) == pytest.approx(pdist(pts).max())
-    assert predict.max_diameter(np.ones((1, 1), bool), (0.5, 0.8)) == pytest.approx(math.hypot(0.5, 0.8))
+            assert measure.max_diameter(mask, spacing) == pytest.approx(pdist(pts).max())
+    assert measure.max_diameter(np.ones((1, 1), bool), (0.5, 0.8)) == pytest.approx(math.hypot(0.5, 0.8))
 
 
 def test_volume_3d_ml_diameter_and_world_centroid():
@@ -165,7 +165,7 @@ def test_volume_3d_ml_diameter_and_world_centroid():
     zz, yy, xx = np.mgrid[:10, :20, :24]
     ball = (zz - 7) ** 2 + (yy - 14) ** 2 + (xx - 17) ** 2 <= 4
     labels[ball] = 1
-    res = predict.analyze_mask(labels, None, meta3d(labels.shape, spacing, affine), Preprocessing())
+    res = measure.analyze_mask(labels, None, meta3d(labels.shape, spacing, affine), Preprocessing())
     assert [les["voxels"] for les in res["lesions"]] == [60, int(ball.sum())]
     box = res["lesions"][0]
     assert box["volume_ml"] == pytest.approx(60 * 2.0 * 0.5 * 0.5 / 1000) and box["volume_mm3"] == pytest.approx(30.0)
@@ -192,13 +192,13 @@ def test_postprocess_min_size_fill_holes_keep_largest_organ():
     labels[20:22, 30:33] = 1      # 6 px = 2.4 mm²
     labels[10:17, 20:27] = 1      # 7 x 7 ring around a 5 x 5 hole
     labels[11:16, 21:26] = 0
-    out = predict.postprocess(labels, m2, ["lesion"], min_lesion_size=3.0, fill_holes=True)
+    out = diagnosis.postprocess(labels, m2, ["lesion"], min_lesion_size=3.0, fill_holes=True)
     assert out[20:22, 30:33].sum() == 0 and out[2:6, 3:9].all() and out[10:17, 20:27].all()
-    assert predict.postprocess(labels, m2, ["lesion"], min_lesion_size=2.0)[20:22, 30:33].all()  # 2.4 mm² stays
-    assert not predict.postprocess(labels, m2, ["lesion"], fill_holes=False)[13, 23]
-    assert predict.size_unit(m2) == ("mm²", pytest.approx(0.4))
+    assert diagnosis.postprocess(labels, m2, ["lesion"], min_lesion_size=2.0)[20:22, 30:33].all()  # 2.4 mm² stays
+    assert not diagnosis.postprocess(labels, m2, ["lesion"], fill_holes=False)[13, 23]
+    assert measure.size_unit(m2) == ("mm²", pytest.approx(0.4))
     # unknown spacing: pixels
-    out_px = predict.postprocess(labels, meta2d((30, 40), known=False), ["lesion"], min_lesion_size=7, fill_holes=False)
+    out_px = diagnosis.postprocess(labels, meta2d((30, 40), known=False), ["lesion"], min_lesion_size=7, fill_holes=False)
     assert out_px[20:22, 30:33].sum() == 0 and out_px[2:6, 3:9].all()
     # volumes: mm³, holes filled per slice
     vol = np.zeros((4, 12, 12), np.uint8)
@@ -206,20 +206,20 @@ def test_postprocess_min_size_fill_holes_keep_largest_organ():
     vol[1, 4, 4] = 0
     vol[3, 9, 9] = 1  # 1 voxel = 2 mm³
     m3 = meta3d(vol.shape, (2.0, 1.0, 1.0))
-    out3 = predict.postprocess(vol, m3, ["lesion"], min_lesion_size=3.0)
-    assert out3[1, 4, 4] == 1 and out3[3, 9, 9] == 0 and predict.size_unit(m3)[0] == "mm³"
+    out3 = diagnosis.postprocess(vol, m3, ["lesion"], min_lesion_size=3.0)
+    assert out3[1, 4, 4] == 1 and out3[3, 9, 9] == 0 and measure.size_unit(m3)[0] == "mm³"
     # organ: largest component kept, holes filled without overwriting the lesion inside
     two = np.zeros((20, 20), np.uint8)
     two[2:12, 2:12] = 1
     two[5:8, 5:8] = 2            # lesion inside the organ
     two[4, 9] = 0                # a background hole in the organ
     two[15:18, 15:18] = 1        # small organ fragment
-    out2 = predict.postprocess(two, meta2d((20, 20)), ["organ", "lesion"])
+    out2 = diagnosis.postprocess(two, meta2d((20, 20)), ["organ", "lesion"])
     assert out2[15:18, 15:18].sum() == 0 and out2[4, 9] == 1 and (out2[5:8, 5:8] == 2).all()
-    assert predict.class_roles(["liver", "tumor"]) == ["organ", "lesion"]
-    assert predict.class_roles(["foreground"]) == ["lesion"]
-    assert predict.class_roles(["1", "2"]) == ["organ", "lesion"]
-    assert predict.class_roles(["Anterior", "Posterior"]) == ["organ", "organ"]
+    assert class_roles(["liver", "tumor"]) == ["organ", "lesion"]
+    assert class_roles(["foreground"]) == ["lesion"]
+    assert class_roles(["1", "2"]) == ["organ", "lesion"]
+    assert class_roles(["Anterior", "Posterior"]) == ["organ", "organ"]
 
 
 def test_learned_largest_component_step_from_the_checkpoint():
@@ -229,12 +229,12 @@ def test_learned_largest_component_step_from_the_checkpoint():
     image[2:10, 2:10] = 1.0       # 64 px
     image[18:20, 18:20] = 1.0     # 4 px fragment
     b = bundle(class_names=["vessel"])  # tubular: no role-based largest step
-    assert predict.segment(b, image, meta2d(image.shape)).labels.sum() == 68
+    assert diagnosis.segment(b, image, meta2d(image.shape)).labels.sum() == 68
     b.info = {"postprocessing": {"largest_component": ["vessel"]}}
-    assert predict.learned_largest(b) == [1]
-    seg = predict.segment(b, image, meta2d(image.shape))
+    assert diagnosis.learned_largest(b) == [1]
+    seg = diagnosis.segment(b, image, meta2d(image.shape))
     assert seg.labels.sum() == 64 and seg.raw_labels.sum() == 68
-    assert predict.segment(b, image, meta2d(image.shape), learned_postprocess=False).labels.sum() == 68
+    assert diagnosis.segment(b, image, meta2d(image.shape), Settings(learned_postprocess=False)).labels.sum() == 68
 
 
 # ------------------------------------------------------------------------------------ geometry, formats
@@ -249,7 +249,8 @@ def test_nifti_mask_keeps_affine_and_sliding_window(tmp_path):
     img.header.set_sform(img.affine, code=2)
     nib.save(img, str(src))
     before = sha(src)
-    res = predict.predict_case(bundle(), src, tmp_path / "out", fill_holes=False, embed_font=False, save_probability=True)
+    res = diagnosis.predict_case(bundle(), src, tmp_path / "out",
+                                 Settings(fill_holes=False, embed_font=False, save_probability=True))
     out = nib.load(str(res.files["mask"]))
     assert res.files["mask"] == tmp_path / "out" / "scan" / "mask.nii.gz"
     np.testing.assert_allclose(out.affine, nib.load(str(src)).affine, atol=1e-6)
@@ -262,7 +263,7 @@ def test_nifti_mask_keeps_affine_and_sliding_window(tmp_path):
     total = sum(les["voxels"] for les in rep["lesions"])
     assert total == n and rep["summary"]["lesion_total"]["volume_ml"] == pytest.approx(n * 0.8 * 1.0 * 2.5 / 1000, rel=1e-5)
     assert rep["input"]["spacing_mm"] == pytest.approx([2.5, 1.0, 0.8])
-    assert rep["notice"] == NOTICE_ZH and rep["schema"] == predict.REPORT_SCHEMA
+    assert rep["notice"] == NOTICE_ZH and rep["schema"] == diagnosis.REPORT_SCHEMA
     assert sha(src) == before and sorted(p.name for p in src.parent.iterdir()) == ["scan.nii.gz"]
 
 
@@ -273,7 +274,7 @@ def test_dicom_series_gives_nifti_with_dicom_affine(tmp_path):
     expected_affine = write_series(series, raw, iop=(0, 1, 0, 0, 0, -1))  # sagittal slices
     before = sha(series)
     b = bundle(normalization="window", window=[0.0, 200.0])
-    res = predict.predict_case(b, series, tmp_path / "out", embed_font=False, lang="en")
+    res = diagnosis.predict_case(b, series, tmp_path / "out", Settings(embed_font=False, lang="en"))
     out = nib.load(str(res.files["mask"]))
     assert res.files["mask"].name == "mask.nii.gz" and res.case == "CT_SERIES"
     np.testing.assert_allclose(out.affine, expected_affine, atol=1e-5)
@@ -295,8 +296,8 @@ def test_png_jpeg_rgb_small_and_large_images(tmp_path):
     (tmp_path / "in").mkdir()
     p_big, p_small = save_png(tmp_path / "in" / "big.png", big), save_png(tmp_path / "in" / "small.png", small)
     b = bundle(normalization="unit")
-    r1 = predict.predict_case(b, p_big, tmp_path / "out", embed_font=False)
-    r2 = predict.predict_case(b, p_small, tmp_path / "out", embed_font=False)
+    r1 = diagnosis.predict_case(b, p_big, tmp_path / "out", NO_FONT)
+    r2 = diagnosis.predict_case(b, p_small, tmp_path / "out", NO_FONT)
     m1 = np.asarray(Image.open(r1.files["mask"]))
     m2 = np.asarray(Image.open(r2.files["mask"]))
     assert r1.files["mask"].name == "mask.png" and m1.shape == big.shape and m2.shape == small.shape[:2]
@@ -314,7 +315,7 @@ def test_wrong_channels_is_a_clear_input_error(tmp_path):
     path = tmp_path / "in" / "five.tif"
     tifffile.imwrite(path, np.zeros((40, 50, 5), np.uint8))
     with pytest.raises(InputError, match=r"five\.tif.*5 colour channels"):
-        predict.predict_case(bundle(), path, tmp_path / "out", embed_font=False)
+        diagnosis.predict_case(bundle(), path, tmp_path / "out", NO_FONT)
 
 
 def test_multiclass_organ_volume_and_lesion_burden(tmp_path):
@@ -326,7 +327,7 @@ def test_multiclass_organ_volume_and_lesion_burden(tmp_path):
     src = tmp_path / "in" / "abd.nii.gz"
     nib.save(nib.Nifti1Image(vol, np.diag([0.8, 0.8, 3.0, 1.0])), str(src))
     b = bundle(ThreeClassModel(), class_names=["liver", "tumor"], class_values=[[1], [2]])
-    res = predict.predict_case(b, src, tmp_path / "out", embed_font=False)
+    res = diagnosis.predict_case(b, src, tmp_path / "out", NO_FONT)
     s = res.summary
     organ_vox, lesion_vox = 12 * 12 * 4 - 18, 18
     liver = next(st for st in s["structures"] if st["class"] == "liver")
@@ -348,8 +349,9 @@ def test_html_report_self_contained_escaped_and_bilingual(tmp_path):
     src = save_png(tmp_path / "in" / "case<b>&x.png", img)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a missing CJK glyph in the overlay would be a UserWarning
-        zh = predict.predict_case(bundle(normalization="unit"), src, tmp_path / "out", case_name="zh")
-        en = predict.predict_case(bundle(normalization="unit"), src, tmp_path / "out", case_name="en", lang="en")
+        zh = diagnosis.predict_case(bundle(normalization="unit"), src, tmp_path / "out", case_name="zh")
+        en = diagnosis.predict_case(bundle(normalization="unit"), src, tmp_path / "out", Settings(lang="en"),
+                                    case_name="en")
     page = (zh.output_dir / "report.html").read_text(encoding="utf-8")
     assert zh.summary["findings"] == "检出 1 处疑似病灶，最大直径 14.1 像素，总面积 100 像素。"
     assert zh.summary["findings"] in page and NOTICE_ZH in page and NOTICE_EN in page
@@ -363,24 +365,24 @@ def test_html_report_self_contained_escaped_and_bilingual(tmp_path):
     assert rep["settings"]["threshold"] == 0.5 and rep["classes"] == [{"index": 1, "name": "lesion", "role": "lesion"}]
     en_page = (en.output_dir / "report.html").read_text(encoding="utf-8")
     assert NOTICE_EN in en_page and en.summary["findings"] in en_page and 'lang="en"' in en_page
-    empty = predict.predict_case(bundle(normalization="unit"), save_png(tmp_path / "in" / "empty.png", np.zeros((20, 20))),
-                                 tmp_path / "out", embed_font=False)
+    empty = diagnosis.predict_case(bundle(normalization="unit"),
+                                   save_png(tmp_path / "in" / "empty.png", np.zeros((20, 20))), tmp_path / "out", NO_FONT)
     assert empty.summary["findings"] == "未检出疑似病灶。" and empty.lesions == []
 
 
 # ------------------------------------------------------------------------------------ checkpoints, CLI
-def test_real_checkpoint_bundle_and_legacy_fallback(tiny_ckpt, tmp_path):
-    b = predict.load_model(tiny_ckpt, "cpu", "fp32")
-    assert b.prep.patch_size == 16 and b.prep.normalization == "unit" and not b.warnings
+def test_real_checkpoint_bundle_and_legacy_fallback(ckpt, tmp_path):
+    b = diagnosis.load_model(ckpt, "cpu", "fp32")
+    assert b.prep.patch_size == 32 and b.prep.normalization == "unit" and not b.warnings
     assert not b.model.training and "state_dict" not in b.info
     (tmp_path / "in").mkdir()
-    res = predict.predict_case(b, save_png(tmp_path / "in" / "x.png", np.full((24, 40), 90)), tmp_path / "out",
-                               embed_font=False)
+    res = diagnosis.predict_case(b, save_png(tmp_path / "in" / "x.png", np.full((24, 40), 90)), tmp_path / "out",
+                                 NO_FONT)
     assert np.asarray(Image.open(res.files["mask"])).shape == (24, 40)
-    assert res.report["model"]["architecture"].startswith("U-Net, 1→1 ch, base 4")
+    assert res.report["model"]["architecture"].startswith("U-Net, 1→1 ch, base 8")
     legacy = tmp_path / "legacy.pth"
     save_checkpoint(legacy, UNet(base_channels=4), TrainConfig(image_size=32, base_channels=4), 3, {"dice": 0.9})
-    lb = predict.load_model(legacy, "cpu", "fp32")
+    lb = diagnosis.load_model(legacy, "cpu", "fp32")
     assert (lb.prep.normalization, lb.prep.patch_size, lb.prep.class_names) == ("unit", 32, ["lesion"])
     assert lb.warnings and "no preprocessing record" in lb.warnings[0]
     r = predict.latency(lb, 64, repeats=1, warmup=0)
@@ -391,18 +393,18 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint at all")
     with pytest.raises(CheckpointError, match="garbage.pth"):
-        predict.load_model(garbage, "cpu")
+        diagnosis.load_model(garbage, "cpu")
     foreign = tmp_path / "resnet.pth"
     torch.save({"conv1.weight": torch.zeros(4, 3, 3, 3)}, foreign)
     with pytest.raises(CheckpointError, match="format"):
-        predict.load_model(foreign, "cpu")
+        diagnosis.load_model(foreign, "cpu")
     mismatched = tmp_path / "mismatch.pth"
     save_checkpoint(mismatched, UNet(base_channels=4), TrainConfig(), 1, {})
     ck = torch.load(mismatched, weights_only=True)
     ck["model_args"]["base_channels"] = 8
     torch.save(ck, mismatched)
     with pytest.raises(CheckpointError, match="do not match"):
-        predict.load_model(mismatched, "cpu")
+        diagnosis.load_model(mismatched, "cpu")
     img = save_png(tmp_path / "a.png", np.zeros((20, 20)))
     for ck_path in (garbage, foreign, mismatched, tmp_path / "missing.pth"):
         assert predict.main(["--checkpoint", str(ck_path), "--input", str(img), "--output-dir", str(tmp_path / "o")]) == 2
@@ -411,9 +413,9 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
-def test_usage_errors_exit_2(tiny_ckpt, tmp_path, capsys):
+def test_usage_errors_exit_2(ckpt, tmp_path, capsys):
     img = save_png(tmp_path / "a.png", np.zeros((20, 20)))
-    ck = ["--checkpoint", str(tiny_ckpt)]
+    ck = ["--checkpoint", str(ckpt)]
     assert predict.main(ck + ["--output-dir", str(tmp_path / "o")]) == 2            # no inputs
     assert predict.main(ck + ["--input", str(img)]) == 2                              # no output dir
     assert predict.main(ck + ["--input", str(img), "--output-dir", "o", "--threshold", "1.5"]) == 2
@@ -433,7 +435,7 @@ def test_usage_errors_exit_2(tiny_ckpt, tmp_path, capsys):
     assert "default: 0.5" in capsys.readouterr().out
 
 
-def test_batch_continues_past_bad_inputs(tiny_ckpt, tmp_path, capsys):
+def test_batch_continues_past_bad_inputs(ckpt, tmp_path, capsys):
     inp = tmp_path / "in"
     inp.mkdir()
     good = save_png(inp / "good.png", np.random.default_rng(0).integers(0, 255, (32, 32)))
@@ -443,7 +445,7 @@ def test_batch_continues_past_bad_inputs(tiny_ckpt, tmp_path, capsys):
     unsupported.write_text("hello")
     hashes = {p: sha(p) for p in (good, corrupt, unsupported)}
     out = tmp_path / "out"
-    code = predict.main(["--checkpoint", str(tiny_ckpt), "--input", str(good), str(corrupt), str(unsupported),
+    code = predict.main(["--checkpoint", str(ckpt), "--input", str(good), str(corrupt), str(unsupported),
                          str(tmp_path / "missing.png"), "--output-dir", str(out), "--no-progress"])
     captured = capsys.readouterr()
     assert code == 1
@@ -457,23 +459,23 @@ def test_batch_continues_past_bad_inputs(tiny_ckpt, tmp_path, capsys):
     assert len(batch["succeeded"]) == 1 and len(batch["failed"]) == 3
     assert all(sha(p) == h for p, h in hashes.items())
     # all good -> 0; folder input expands to its supported files only
-    assert predict.main(["--checkpoint", str(tiny_ckpt), "--input", str(good), "--output-dir", str(out),
+    assert predict.main(["--checkpoint", str(ckpt), "--input", str(good), "--output-dir", str(out),
                          "--no-progress", "--lang", "en"]) == 0
 
 
-def test_never_writes_into_input_folder_unless_allowed(tiny_ckpt, tmp_path, capsys):
+def test_never_writes_into_input_folder_unless_allowed(ckpt, tmp_path, capsys):
     inp = tmp_path / "scans"
     inp.mkdir()
     img = save_png(inp / "a.png", np.zeros((20, 20)))
     before, img_hash = sha(inp), sha(img)
     for out in (inp, inp / "results"):
-        assert predict.main(["--checkpoint", str(tiny_ckpt), "--input", str(inp), "--output-dir", str(out),
+        assert predict.main(["--checkpoint", str(ckpt), "--input", str(inp), "--output-dir", str(out),
                              "--no-progress"]) == 2
     assert "--allow-input-dir" in capsys.readouterr().err and sha(inp) == before
     assert sorted(p.name for p in inp.iterdir()) == ["a.png"]
     with pytest.raises(InputError, match="allow-input-dir"):
-        predict.predict_case(bundle(), img, inp / "results")
-    assert predict.main(["--checkpoint", str(tiny_ckpt), "--input", str(inp), "--output-dir", str(inp / "results"),
+        diagnosis.predict_case(bundle(), img, inp / "results")
+    assert predict.main(["--checkpoint", str(ckpt), "--input", str(inp), "--output-dir", str(inp / "results"),
                          "--no-progress", "--allow-input-dir"]) == 0
     assert (inp / "results" / "a" / "mask.png").is_file()
     assert sorted(p.name for p in inp.iterdir()) == ["a.png", "results"] and sha(img) == img_hash
@@ -495,31 +497,27 @@ def test_expand_inputs_folders_series_and_names(tmp_path):
     assert predict.unique_case_names(cases) == ["SERIES", "a", "a-2"]
     series, _ = predict.expand_inputs([root / "SERIES"])
     assert series == [root / "SERIES"]
-    assert predict.case_stem("x/brain.nii.gz") == "brain" and predict.case_stem("y/scan.dcm") == "scan"
+    assert diagnosis.case_stem("x/brain.nii.gz") == "brain" and diagnosis.case_stem("y/scan.dcm") == "scan"
 
 
 # ------------------------------------------------------------------------------ agreement with training
-def test_prediction_reproduces_training_dice(tmp_path):
-    import run
-
-    cfg = TrainConfig(epochs=5, num_samples=24, image_size=32, base_channels=8, lr=3e-3, batch_size=4, device="cpu",
-                      precision="fp32", progress=False, output_dir=str(tmp_path / "run"), checkpoint=str(tmp_path / "best.pth"))
-    summary = run.run_synthetic(cfg)
+def test_prediction_reproduces_training_dice(trained_model, tmp_path):
+    cfg, summary = trained_model.config, trained_model.summary  # trained in fp32: exact agreement is expected
     assert 0.2 < summary["dice"] < 1.0  # a model that finds some lesions and misses some: a real comparison
     data = data_gen.generate_dataset(cfg.num_samples, cfg.image_size, cfg.seed, cfg.difficulty)
     test_idx = split_indices(len(data), cfg.val_fraction, cfg.test_fraction, cfg.seed)["test"]
     truth = data.labels("lesion")
-    b = predict.load_model(cfg.checkpoint, "cpu", "fp32")
+    b = diagnosis.load_model(cfg.checkpoint, "cpu", "fp32")
     exact, from_png = [], []
     for i in test_idx:  # in memory: the exact float images training evaluated
-        seg = predict.segment(b, data.images[i] * 255.0, meta2d((32, 32), known=False), fill_holes=False,
-                              keep_largest_organ=False)
+        seg = diagnosis.segment(b, data.images[i] * 255.0, meta2d((32, 32), known=False),
+                                Settings(fill_holes=False, keep_largest_organ=False))
         exact.append(per_case_scores(seg.labels[None], truth[i][None])["dice"][0])
     assert np.mean(exact) == pytest.approx(summary["dice"], abs=1e-6)
     (tmp_path / "png").mkdir()
     for i in test_idx[:3]:  # through 8-bit PNG files and the CLI path: quantisation allows a small tolerance
         src = save_png(tmp_path / "png" / f"t{i}.png", np.rint(data.images[i] * 255))
-        res = predict.predict_case(b, src, tmp_path / "pred", fill_holes=False, embed_font=False)
+        res = diagnosis.predict_case(b, src, tmp_path / "pred", Settings(fill_holes=False, embed_font=False))
         from_png.append(per_case_scores(res.labels[None], truth[i][None])["dice"][0])
     assert np.mean(from_png) == pytest.approx(np.mean([exact[k] for k in range(3)]), abs=0.02)
 
@@ -531,9 +529,9 @@ def test_real_kvasir_jpeg_and_hippocampus_nifti(tmp_path):
     jpg = min((DATA / "kvasir_seg" / "Kvasir-SEG" / "images").glob("*.jpg"))
     nii = DATA / "msd_hippocampus" / "imagesTr" / "hippocampus_001.nii.gz"
     h_jpg, h_nii = sha(jpg), sha(nii)
-    r1 = predict.predict_case(bundle(normalization="unit", patch_size=64), jpg, tmp_path, embed_font=False)
+    r1 = diagnosis.predict_case(bundle(normalization="unit", patch_size=64), jpg, tmp_path, NO_FONT)
     w, h = Image.open(jpg).size
     assert np.asarray(Image.open(r1.files["mask"])).shape == (h, w)
-    r2 = predict.predict_case(bundle(normalization="zscore", patch_size=32), nii, tmp_path, embed_font=False)
+    r2 = diagnosis.predict_case(bundle(normalization="zscore", patch_size=32), nii, tmp_path, NO_FONT)
     np.testing.assert_allclose(nib.load(str(r2.files["mask"])).affine, nib.load(str(nii)).affine, atol=1e-6)
     assert sha(jpg) == h_jpg and sha(nii) == h_nii
