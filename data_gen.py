@@ -214,12 +214,14 @@ def synthetic_volume(size: int, seed: int, n_slices: int = 16, slice_mm: float =
 
 
 def two_channel_case(rng: np.random.Generator, shape: tuple[int, int, int],
-                     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
+                     spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), parts: bool = False
+                     ) -> tuple[np.ndarray, np.ndarray]:
     """A two-channel volume ((Z, Y, X, 2) float32) whose lesion only the two channels together show.
 
     Each channel holds one bright ellipsoid (its own "sequence" sees its own structure) on noise; the lesion
     (label 1) is where the two overlap, so neither channel alone can place it. Sizes are in mm, so the same
-    anatomy comes out on any ``spacing`` (e.g. 5 mm slices).
+    anatomy comes out on any ``spacing`` (e.g. 5 mm slices). ``parts``: label 1 = first ellipsoid only,
+    2 = the overlap, 3 = second only (nested regions for region-based training: ``1+2+3`` contains ``2``).
     """
     z, y, x = (np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing))
     zz, yy, xx = np.meshgrid(z, y, x, indexing="ij")
@@ -236,11 +238,14 @@ def two_channel_case(rng: np.random.Generator, shape: tuple[int, int, int],
     image = rng.normal(0.1, 0.05, (*shape, 2)).astype(np.float32)
     image[..., 0][a] += rng.uniform(0.6, 0.9)
     image[..., 1][b] += rng.uniform(0.6, 0.9)
+    if parts:
+        return image, (a & ~b) * np.uint8(1) + (a & b) * np.uint8(2) + (b & ~a) * np.uint8(3)
     return image, (a & b).astype(np.uint8)
 
 
 def write_two_channel_dataset(root, n_cases: int, shape: tuple[int, int, int] = (20, 20, 20),
-                              spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), seed: int = 0) -> None:
+                              spacing: tuple[float, float, float] = (1.0, 1.0, 1.0), seed: int = 0,
+                              parts: bool = False) -> None:
     """nnU-Net's raw layout of :func:`two_channel_case` volumes: ``imagesTr/case_NNN_0000.nii.gz`` (channel A),
     ``case_NNN_0001.nii.gz`` (channel B), ``labelsTr/case_NNN.nii.gz`` and a ``dataset.json`` naming both."""
     import json
@@ -253,10 +258,11 @@ def write_two_channel_dataset(root, n_cases: int, shape: tuple[int, int, int] = 
     (root / "labelsTr").mkdir(parents=True, exist_ok=True)
     affine = np.diag([*spacing[::-1], 1.0])  # NIfTI (i, j, k) = (x, y, z)
     for i, s in enumerate(np.random.SeedSequence(seed).spawn(n_cases)):
-        image, labels = two_channel_case(np.random.default_rng(s), shape, spacing)
+        image, labels = two_channel_case(np.random.default_rng(s), shape, spacing, parts)
         for c in range(2):
             nib.save(nib.Nifti1Image(np.ascontiguousarray(image[..., c].T), affine), str(root / "imagesTr" / f"case_{i:03d}_{c:04d}.nii.gz"))
         nib.save(nib.Nifti1Image(np.ascontiguousarray(labels.T), affine), str(root / "labelsTr" / f"case_{i:03d}.nii.gz"))
     doc = {"name": "two-channel synthetic", "channel_names": {"0": "A", "1": "B"},
-           "labels": {"background": 0, "lesion": 1}, "numTraining": n_cases, "file_ending": ".nii.gz"}
+           "labels": {"background": 0, "a_only": 1, "overlap": 2, "b_only": 3} if parts else {"background": 0, "lesion": 1},
+           "numTraining": n_cases, "file_ending": ".nii.gz"}
     (root / "dataset.json").write_text(json.dumps(doc, indent=2), encoding="utf-8")

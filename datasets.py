@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 import medio
 from errors import InputError
-from preprocess import Preprocessing, pad_value, to_classes, to_planes
+from preprocess import PreparedVolume, Preprocessing, class_mask, pad_value, prepare_volume, to_classes, to_planes
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,7 @@ IMAGE_DIR_NAMES = ("images", "image", "imgs", "img")
 ROI_DIR_NAMES = ("fov", "roi")  # plus "mask" when a 1st_manual folder holds the labels
 SPLIT_DIR_NAMES = {"training": "train", "train": "train", "test": "test", "testing": "test", "val": "val", "validation": "val"}
 _STRIP = re.compile(r"(_0000|_mask|_masks|_manual\d*|_training|_test|_seg|_segmentation|_label|_labels|_gt)+$", re.I)
+_CHANNEL = re.compile(r"^(.+)_(\d{4})$")  # nnU-Net: <case>_0000, <case>_0001, ... one file per channel
 
 
 @dataclass
@@ -50,6 +51,7 @@ class CaseRef:
     roi: Path | None = None
     split: str | None = None  # official split from the layout, if any
     mask_series: list[list[str]] | None = None
+    channels: list[Path | None] | None = None  # nnU-Net's one file per channel (None = that channel is missing)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class DatasetSpec:
     cases: list[CaseRef]
     label_names: dict[str, int] = field(default_factory=dict)
     structures: list[str] = field(default_factory=list)  # DICOM mask series available
+    channel_names: list[str] = field(default_factory=list)  # dataset.json's channel_names / MSD modality, in order
 
 
 @dataclass
@@ -72,6 +75,7 @@ class LoadedCase:
     meta: medio.ImageMeta
     is_volume: bool
     mask_values: tuple[int, ...] = ()  # the label values the stored mask holds (before mapping to classes)
+    volume: PreparedVolume | None = None  # 3D models: the case at the target spacing (planes is then None)
 
 
 # ------------------------------------------------------------------------------------ discovery
@@ -79,14 +83,18 @@ def _files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_file() or p.is_dir()))
 
 
-def case_key(path: Path) -> str:
-    """File name without suffixes (.nii.gz too) and without mask/channel suffixes, lower-case."""
+def _stem(path: Path) -> str:
+    """File name without its image suffix (.nii.gz too)."""
     name = path.name
     for suf in sorted(medio.SUPPORTED_SUFFIXES, key=len, reverse=True):
         if name.lower().endswith(suf):
-            name = name[: -len(suf)]
-            break
-    return _STRIP.sub("", name).lower()
+            return name[: -len(suf)]
+    return name
+
+
+def case_key(path: Path) -> str:
+    """File name without suffixes (.nii.gz too) and without mask/channel suffixes, lower-case."""
+    return _STRIP.sub("", _stem(path)).lower()
 
 
 def _number(key: str) -> str | None:
@@ -148,6 +156,41 @@ def _dataset_json_labels(root: Path) -> dict[str, int]:
     return {k: v for k, v in out.items() if v != 0}
 
 
+def _dataset_json_channels(root: Path) -> list[str]:
+    """The channel (modality) names of ``dataset.json``, in channel order: nnU-Net v2's ``channel_names`` or MSD's
+    ``modality`` (``{"0": "FLAIR", "1": "T1w"}``); empty without a dataset.json or either key."""
+    path = root / "dataset.json"
+    if not path.is_file():
+        return []
+    doc = json.loads(path.read_text(encoding="utf-8"))  # _dataset_json_labels reports invalid JSON
+    names = doc.get("channel_names", doc.get("modality")) if isinstance(doc, dict) else None
+    if names is None:
+        return []
+    if not isinstance(names, dict) or not all(str(k).isdigit() for k in names):
+        raise InputError(f"{path}: 'channel_names' / 'modality' is {str(names)[:80]!r}, expected an object "
+                         'mapping channel indices to names ({"0": "T1", "1": "T2"})')
+    return [str(names[k]) for k in sorted(names, key=int)]
+
+
+def _channel_of(path: Path) -> tuple[str, int] | None:
+    """(case id, channel index) of an nnU-Net channel file ``<case>_000N.<suffix>``, else None."""
+    m = _CHANNEL.match(_stem(path))
+    return (m.group(1).lower(), int(m.group(2))) if m else None
+
+
+def _channel_cases(images: list[Path], masks: list[Path], n_declared: int) -> list[CaseRef]:
+    """nnU-Net's one-file-per-channel layout: channel files grouped into one case by their case id (the name
+    without ``_000N``). A missing channel stays ``None`` for the dataset check to list."""
+    groups: dict[str, dict[int, Path]] = {}
+    for p in images:
+        case, channel = _channel_of(p) or (case_key(p), 0)
+        groups.setdefault(case, {})[channel] = p
+    n = max(n_declared, *(max(g) + 1 for g in groups.values())) if groups else n_declared
+    by_key = {case_key(m): m for m in masks}
+    return [CaseRef(case, files.get(0) or next(iter(files.values())), by_key.get(case),
+                    channels=[files.get(c) for c in range(n)]) for case, files in sorted(groups.items())]
+
+
 def _dicom_case(folder: Path) -> CaseRef | None:
     img = next((p for p in (folder / "PATIENT_DICOM", folder / "PATIENT_DICOM.zip") if p.exists()), None)
     msk = next((p for p in (folder / "MASKS_DICOM", folder / "MASKS_DICOM.zip") if p.exists()), None)
@@ -186,10 +229,14 @@ def discover(data_dir: str | Path, images_dir: str | Path | None = None, masks_d
         names = {p.name.lower() for p in children}
         if "imagestr" in names and "labelstr" in names:
             sub = {p.name.lower(): p for p in children}
-            pairs = _pair([p for p in _files(sub["imagestr"]) if p.is_file()],
-                          [p for p in _files(sub["labelstr"]) if p.is_file()], sub["labelstr"])
-            cases = [CaseRef(case_key(i), i, m) for i, m in pairs]
-            return DatasetSpec(root, "msd", cases, _dataset_json_labels(root))
+            images = [p for p in _files(sub["imagestr"]) if p.is_file()]
+            channels = _dataset_json_channels(root)
+            labels = [p for p in _files(sub["labelstr"]) if p.is_file()]
+            if len(channels) > 1 or (images and all(_channel_of(p) for p in images)):
+                cases = _channel_cases(images, labels, max(1, len(channels)))
+            else:
+                cases = [CaseRef(case_key(i), i, m) for i, m in _pair(images, labels, sub["labelstr"])]
+            return DatasetSpec(root, "msd", cases, _dataset_json_labels(root), channel_names=channels)
         dicom = [c for c in ([_dicom_case(root)] + [_dicom_case(p) for p in children]) if c]
         if dicom:
             return DatasetSpec(root, "dicom+masks", dicom, structures=_dicom_structures(dicom[0].mask))
@@ -222,7 +269,8 @@ def resolve_dicom_labels(spec: DatasetSpec, labels: str | None) -> list[list[str
 
 def load_case(ref: CaseRef, prep: Preprocessing) -> LoadedCase:
     """Read, check and preprocess one case. Raises InputError naming the file on any problem."""
-    image, meta = medio.read_image(ref.image)
+    image, meta = (medio.read_channels(ref.channels, ref.case_id) if ref.channels and len(ref.channels) > 1
+                   else medio.read_image(ref.image))
     is_volume = len(meta.shape) == 3
     if ref.mask is None:
         raise InputError(f"{ref.image}: no matching mask found")
@@ -241,8 +289,14 @@ def load_case(ref: CaseRef, prep: Preprocessing) -> LoadedCase:
     if ref.roi is not None:
         r, _ = medio.read_mask(ref.roi, reference=meta)
         roi = (r > 0)[None] if not is_volume else r > 0
-    planes = to_planes(image, 3 if is_volume else 2, prep)
     labels = classes if is_volume else classes[None]
+    if prep.dim == 3:
+        if not is_volume:
+            raise InputError(f"{ref.image}: a {len(meta.shape)}D image cannot train a 3D model (expected volumes; "
+                             "use --dim 2)")
+        return LoadedCase(ref, None, labels.astype(np.uint8), roi, meta, True, values,
+                          prepare_volume(image, meta.spacing, prep, classes))
+    planes = to_planes(image, 3 if is_volume else 2, prep)
     return LoadedCase(ref, planes, labels.astype(np.uint8), roi, meta, is_volume, values)
 
 
@@ -279,9 +333,7 @@ def load_cases(refs: list[CaseRef], prep: Preprocessing, declared: dict[str, int
 
 def _absent_classes(cases: list[LoadedCase], prep: Preprocessing) -> list[str]:
     """One problem per class that no case's mask holds, naming the values the masks do hold."""
-    present = set()
-    for c in cases:
-        present.update(int(v) for v in np.unique(c.labels) if v)
+    present = {k for k in range(1, prep.n_classes + 1) if any(class_mask(c.labels, k, prep.regions).any() for c in cases)}
     found = sorted({v for c in cases for v in c.mask_values if v})
     where = f"{cases[0].ref.mask.parent if cases[0].ref.mask else cases[0].ref.image.parent}"
     missing = []
@@ -389,3 +441,64 @@ def training_planes(cases: list[LoadedCase], prep: Preprocessing) -> tuple[list[
             labels.append(y[k])
             pads.append(v)
     return planes, labels, pads
+
+
+class PatchDataset3D(Dataset):
+    """Random 3D patches of prepared volumes, deterministic per (seed, epoch, index).
+
+    With probability ``fg_prob`` a patch is centred (with a jitter of a quarter patch) on a voxel of a class drawn
+    uniformly among the classes (regions) present, so small classes are seen as often as large ones (nnU-Net's
+    class-balanced oversampling); otherwise case and position are uniform. Volumes smaller than the patch are
+    padded once, up front (images with their minimum, labels with 0).
+    """
+
+    MAX_COORDS = 20_000  # foreground voxels remembered per case and class (a sample is enough to centre patches)
+
+    def __init__(self, volumes: list[np.ndarray], labels: list[np.ndarray], patch: tuple[int, int, int], length: int,
+                 fg_prob: float = 0.33, seed: int = 0, n_classes: int = 1, regions: bool = False):
+        self.patch, self.length, self.fg_prob, self.seed, self.epoch = tuple(patch), length, fg_prob, seed, 0
+        self.volumes, self.labels = [], []
+        for x, y in zip(volumes, labels):
+            pads = [(d // 2, d - d // 2) for d in (max(0, p - s) for p, s in zip(self.patch, y.shape))]
+            self.volumes.append(np.pad(x, [(0, 0), *pads], constant_values=float(x.min())) if any(map(sum, pads)) else x)
+            self.labels.append(np.pad(y, pads) if any(map(sum, pads)) else y)
+        rng = np.random.default_rng(seed)
+        self.coords: dict[int, list[tuple[int, np.ndarray]]] = {}
+        for i, y in enumerate(self.labels):
+            for k in range(1, n_classes + 1):
+                idx = np.flatnonzero(class_mask(y, k, regions))
+                if len(idx):
+                    if len(idx) > self.MAX_COORDS:
+                        idx = rng.choice(idx, self.MAX_COORDS, replace=False)
+                    self.coords.setdefault(k, []).append((i, idx))
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _crop(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        rng = np.random.default_rng((self.seed, self.epoch, i))
+        p = self.patch
+        if self.coords and rng.random() < self.fg_prob:
+            k = sorted(self.coords)[rng.integers(len(self.coords))]
+            case, idx = self.coords[k][rng.integers(len(self.coords[k]))]
+            shape = self.labels[case].shape
+            centre = np.unravel_index(int(idx[rng.integers(len(idx))]), shape)
+            start = [int(np.clip(c - n // 2 + rng.integers(-(n // 4), n // 4 + 1), 0, s - n))
+                     for c, n, s in zip(centre, p, shape)]
+        else:
+            case = int(rng.integers(len(self.volumes)))
+            shape = self.labels[case].shape
+            start = [int(rng.integers(0, s - n + 1)) for s, n in zip(shape, p)]
+        box = tuple(slice(s, s + n) for s, n in zip(start, p))
+        return self.volumes[case][(slice(None), *box)], self.labels[case][box]
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        crops = [self._crop(i) for i in idx]
+        return (torch.from_numpy(np.stack([c[0] for c in crops])), torch.from_numpy(np.stack([c[1] for c in crops])))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._crop(i)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))

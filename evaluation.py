@@ -16,10 +16,10 @@ import torch
 import medio
 import visualize
 from fileio import atomic_write
-from inference import keep_largest, largest_component, predict_planes, probs_to_labels
+from inference import keep_largest, largest_component, predict_prepared, probs_to_labels
 from metrics import case_scores, per_case_scores, summarize
 from model import UNet
-from preprocess import Preprocessing
+from preprocess import Preprocessing, class_mask, regions_to_labels, to_planes
 
 log = logging.getLogger("run")
 
@@ -37,12 +37,12 @@ def evaluate_cases(model: UNet, cases: list, prep: Preprocessing, device: torch.
     """
     rows = []
     for c in cases:
-        probs = predict_planes(model, c.planes, prep, device, precision, cfg.overlap, channels_last=cfg.channels_last,
-                               mirror=mirror)
-        pred = keep_largest(probs_to_labels(probs, cfg.threshold), largest)
+        probs = predict_prepared(model, c.planes if prep.dim == 2 else c.volume, prep, device, precision, cfg.overlap,
+                                 channels_last=cfg.channels_last, mirror=mirror)
+        pred = keep_largest(probs_to_labels(probs, cfg.threshold, prep.regions), largest, prep.regions)
         spacing = c.meta.spacing if c.is_volume else c.meta.spacing[-2:]
         for k, name in enumerate(prep.class_names, start=1):
-            p, t = pred == k, c.labels == k
+            p, t = class_mask(pred, k, prep.regions), class_mask(c.labels, k, prep.regions)
             if c.roi is not None:  # only pixels inside the field of view count
                 p, t = p & c.roi, t & c.roi
             if not c.is_volume:
@@ -102,7 +102,7 @@ def write_case_csv(path: Path, rows: list[dict]) -> Path:
 
     return atomic_write(path, ".csv", write)
 
-def plot_case_overlays(rows: list[dict], out_dir: Path) -> None:
+def plot_case_overlays(rows: list[dict], out_dir: Path, prep: Preprocessing) -> None:
     """Best, median and worst test cases of the first class: the slice with the most ground truth."""
     rows = [r for r in rows if r["_k"] == 1]
     if not rows:
@@ -113,12 +113,23 @@ def plot_case_overlays(rows: list[dict], out_dir: Path) -> None:
     for i, tag in zip(picks, ("最好", "中位", "最差")):
         c, pred = rows[i]["_case"], rows[i]["_pred"]
         z = int(np.argmax((c.labels > 0).reshape(len(c.labels), -1).sum(1)))
-        imgs.append(display_plane(c.planes[z]))
-        truths.append(c.labels[z])
-        preds.append(pred[z])
+        planes = c.planes if c.planes is not None else to_planes(_case_image(c)[0], 3, prep)  # 3D keeps no planes
+        imgs.append(display_plane(planes[z]))
+        truths.append(_display_labels(c.labels[z], prep))
+        preds.append(_display_labels(pred[z], prep))
         scores.append(rows[i]["dice"])
         titles.append(f"{tag} {c.ref.case_id}" + (f" z={z}" if c.is_volume else ""))
     visualize.plot_predictions(imgs, truths, preds, out_dir, scores=scores, titles=titles)
+
+
+def _case_image(c) -> tuple[np.ndarray, medio.ImageMeta]:
+    ref = c.ref
+    return medio.read_channels(ref.channels, ref.case_id) if ref.channels and len(ref.channels) > 1 \
+        else medio.read_image(ref.image)
+
+
+def _display_labels(labels: np.ndarray, prep: Preprocessing) -> np.ndarray:
+    return regions_to_labels(labels, prep.n_classes) if prep.regions else labels
 
 
 def display_plane(plane: np.ndarray) -> np.ndarray:
@@ -132,13 +143,13 @@ def dataset_report(cases: list, prep: Preprocessing) -> dict:
     """Per-case geometry, intensity range and structure sizes (voxels, mL) for ``--check``."""
     report = {"cases": [], "preprocessing": prep.to_dict()}
     for c in cases:
-        image, _ = medio.read_image(c.ref.image)
+        image, _ = _case_image(c)
         vox_ml = medio.voxel_volume_ml(c.meta) if c.is_volume else None
         entry = {"case": c.ref.case_id, "image": str(c.ref.image), "shape": list(c.meta.shape),
                  "spacing_mm": [round(float(s), 4) for s in c.meta.spacing], "format": c.meta.format,
                  "intensity_min": float(image.min()), "intensity_max": float(image.max()), "structures": {}}
         for k, name in enumerate(prep.class_names, start=1):
-            n = int((c.labels == k).sum())
+            n = int(class_mask(c.labels, k, prep.regions).sum())
             entry["structures"][name] = {"voxels": n, **({"volume_ml": round(n * vox_ml, 2)} if vox_ml else {})}
             log.info("%s: %s %s mm, 强度 [%.0f, %.0f]; %s: %d 体素%s", c.ref.case_id, "x".join(map(str, c.meta.shape)),
                      "x".join(f"{s:.3g}" for s in c.meta.spacing), entry["intensity_min"], entry["intensity_max"], name, n,

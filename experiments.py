@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,7 @@ from evaluation import (choose_postprocessing, dataset_report, evaluate_cases, p
                         write_case_csv)
 from fileio import write_json_atomic
 from inference import largest_classes, predict_planes, probs_to_labels
-from metrics import best_threshold_dice, per_case_scores, summarize
+from metrics import best_threshold_dice, per_case_scores, segmentation_loss, summarize
 from model import UNet, count_parameters
 from preprocess import WINDOW_PRESETS, Preprocessing, parse_labels, parse_window
 from runtime import resolve_precision, select_device, set_threads, to_channels_last
@@ -140,7 +141,7 @@ def finish_ranks(dist_info: DistInfo, result: dict) -> dict:
 
 
 def train_model(cfg: TrainConfig, model: UNet, train_data, validate, device: torch.device, precision: str,
-                extra: dict, dist_info: DistInfo, augment=None) -> FitResult:
+                extra: dict, dist_info: DistInfo, augment=None, loss_fn=segmentation_loss) -> FitResult:
     """:func:`train.fit` with ``last.pth`` in the output folder, continuing from it when ``cfg.resume``."""
     last = Path(cfg.output_dir) / "last.pth"
     resume = None
@@ -159,7 +160,8 @@ def train_model(cfg: TrainConfig, model: UNet, train_data, validate, device: tor
             raise CheckpointError(f"{last}: holds no training state to resume from")
         model.load_state_dict(saved.state_dict())
         resume = ckpt["resume"]
-    return fit(model, train_data, validate, cfg, device, precision, cfg.checkpoint, augment, extra, last, resume, dist_info)
+    return fit(model, train_data, validate, cfg, device, precision, cfg.checkpoint, augment, extra, last, resume, dist_info,
+               loss_fn)
 
 
 def check_outputs(cfg: TrainConfig, min_free_mb: int = 200) -> Path:
@@ -211,12 +213,14 @@ def _showcase_indices(dice: np.ndarray, k: int = 4) -> list[int]:
 
 
 # ------------------------------------------------------------------------------------- real datasets
-def auto_preprocessing(cfg: TrainConfig, first: medio.ImageMeta, first_image: np.ndarray,
-                       class_values, class_names) -> Preprocessing:
-    """Pick intensity normalisation and channels from the data unless the config says otherwise."""
-    rgb = first_image.ndim == len(first.shape) + 1 and first_image.shape[-1] == 3
-    norm = cfg.normalize
+def auto_preprocessing(cfg: TrainConfig, first: medio.ImageMeta, first_image: np.ndarray, class_values, class_names,
+                       channel_names: list[str] | None = None) -> Preprocessing:
+    """Pick intensity normalisation and channels from the data unless the config says otherwise: a CT window
+    for CT, /255 for 8-bit pictures, z-score for MRI and other volumes; per channel for multi-channel scans
+    (a channel named CT gets the window)."""
     photo = first.format in ("png", "jpeg", "bmp", "tiff", "gif")
+    rgb = photo and first.channels == 3
+    norm = cfg.normalize
     if norm == "auto":
         if cfg.window or first.extra.get("modality") == "CT" or (not photo and float(first_image.min()) <= -500):
             norm = "window"  # CT in HU
@@ -225,9 +229,64 @@ def auto_preprocessing(cfg: TrainConfig, first: medio.ImageMeta, first_image: np
         else:
             norm = "zscore"  # MRI and other volumes without a physical intensity scale
     window = parse_window(cfg.window) if cfg.window else (list(WINDOW_PRESETS["abdomen"]) if norm == "window" else None)
-    return Preprocessing(normalization=norm, window=window, in_channels=cfg.in_channels or (3 if rgb else 1),
-                         resize_long_side=cfg.resize, patch_size=cfg.image_size,
-                         class_values=class_values, class_names=class_names, mirror_tta=cfg.tta)
+    n_in = cfg.in_channels or (3 if rgb else first.channels)
+    channels = None
+    if n_in > 1 and not rgb:
+        names = channel_names if channel_names and len(channel_names) == n_in else [str(c) for c in range(n_in)]
+        channels = [{"name": n, "normalization": "window" if n.upper() == "CT" and cfg.normalize == "auto" else norm,
+                     "window": window or (list(WINDOW_PRESETS["abdomen"]) if n.upper() == "CT" else None)}
+                    for n in names]
+    prep = Preprocessing(normalization=norm, window=window, in_channels=n_in, resize_long_side=cfg.resize,
+                         patch_size=cfg.image_size, class_values=class_values, class_names=class_names,
+                         mirror_tta=cfg.tta, channels=channels, regions=regions_overlap(class_values))
+    if cfg.dim == 3:  # zero background (skull-stripped MRI): statistics of the body only
+        prep.zscore_nonzero = norm == "zscore" and float(np.mean(first_image == 0)) > 0.25
+        prep.crop_nonzero, prep.dim = True, 3
+    return prep
+
+
+def regions_overlap(class_values: list[list[int]] | None) -> bool:
+    """True when two label groups share a value (``wt=1+2+3,tc=1+3,et=3``): they are overlapping regions, each its
+    own sigmoid output, not exclusive classes."""
+    seen: set[int] = set()
+    for group in class_values or []:
+        if seen & set(group):
+            return True
+        seen |= set(group)
+    return False
+
+
+def volume_geometry(cfg: TrainConfig, refs: list) -> tuple[list[float], list[int], list[list[int]]]:
+    """3D target spacing, patch and pooling: from ``--spacing`` / ``--patch`` when given, else from the cases'
+    headers (:func:`resample.target_spacing`, :func:`plan.patch_3d`)."""
+    import plan
+    import resample
+
+    metas = [medio.read_meta(r.channels[0] if r.channels and r.channels[0] else r.image) for r in refs]
+    flat = [m.path for m in metas if len(m.shape) != 3]
+    if flat:
+        raise InputError(f"{flat[0]}: --dim 3 needs volumes, this image is 2D ({len(flat)} such case(s); use --dim 2)")
+    spacing = _triple(cfg.spacing, "--spacing", float) or list(resample.target_spacing([m.spacing for m in metas], [m.shape for m in metas]))
+    shapes = [resample.new_shape(m.shape, m.spacing, spacing) for m in metas]
+    median = [int(np.median([s[a] for s in shapes])) for a in range(3)]
+    patch = _triple(cfg.patch, "--patch", int)
+    if patch:
+        pools = plan.pooling(patch, spacing)
+        return spacing, plan.fit_patch(patch, pools), pools
+    patch, pools = plan.patch_3d(median, spacing)
+    return spacing, patch, pools
+
+
+def _triple(text: str | None, flag: str, kind: type) -> list | None:
+    if not text:
+        return None
+    try:
+        values = [kind(v) for v in text.split(",")]
+    except ValueError:
+        values = []
+    if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
+        raise ConfigError(f"{flag} {text!r}: expected three positive numbers Z,Y,X")
+    return values
 
 
 def load_dataset(cfg: TrainConfig) -> tuple[datasets.DatasetSpec, list, Preprocessing, list]:
@@ -244,9 +303,13 @@ def load_dataset(cfg: TrainConfig) -> tuple[datasets.DatasetSpec, list, Preproce
         class_names = ["+".join(g) for g in groups]
     else:
         class_values, class_names = parse_labels(cfg.labels, spec.label_names)
-    first_image, first_meta = medio.read_image(refs[0].image)
-    prep = auto_preprocessing(cfg, first_meta, first_image, class_values, class_names)
-    log.info("数据集 %s: %s 布局, %d 例; 预处理 %s", cfg.data, spec.layout, len(refs), prep)
+    first = refs[0]
+    first_image, first_meta = (medio.read_channels(first.channels, first.case_id) if first.channels and
+                               len(first.channels) > 1 else medio.read_image(first.image))
+    prep = auto_preprocessing(cfg, first_meta, first_image, class_values, class_names, spec.channel_names)
+    if cfg.dim == 3:
+        prep.spacing, prep.patch, prep.pool = volume_geometry(cfg, refs)
+    log.info("数据集 %s: %s 布局, %d 例; 预处理 %s", spec.root, spec.layout, len(refs), prep)
     return spec, refs, prep, datasets.load_cases(refs, prep, spec.label_names)
 
 
@@ -284,29 +347,50 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
     return finish_ranks(dist_info, summary)
 
 
+def patch_data(cfg: TrainConfig, sets: dict, prep: Preprocessing) -> tuple:
+    """(training patches, fixed validation patches (x, y), patches per epoch): 2D crops of every plane, or 3D
+    crops of the prepared volumes, foreground-oversampled."""
+    if prep.dim == 3:
+        vols = {k: ([c.volume.volume for c in sets[k]], [c.volume.labels for c in sets[k]]) for k in ("train", "val")}
+        length = cfg.samples_per_epoch or max(64, len(sets["train"]))
+        kw = {"fg_prob": cfg.fg_prob, "n_classes": prep.n_classes, "regions": prep.regions}
+        train_data = datasets.PatchDataset3D(*vols["train"], prep.patch, length, seed=cfg.seed, **kw)
+        val = datasets.PatchDataset3D(*vols["val"], prep.patch, min(64, max(16, 2 * len(sets["val"]))), seed=cfg.seed + 1,
+                                      **kw)
+    else:
+        planes, labels, pads = datasets.training_planes(sets["train"], prep)
+        length = cfg.samples_per_epoch or max(256, len(planes))
+        train_data = datasets.PatchDataset(planes, labels, prep.patch_size, length, cfg.fg_prob, cfg.seed, pads)
+        vp, vl, vpad = datasets.training_planes(sets["val"], prep)
+        val = datasets.PatchDataset(vp, vl, prep.patch_size, min(256, max(32, len(vp))), cfg.fg_prob, cfg.seed + 1, vpad)
+    return train_data, val.__getitems__(list(range(len(val)))), length
+
+
 def train_on_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, split: dict, device: torch.device,
                    precision: str, dist_info: DistInfo) -> FitResult:
     """Foreground-oversampled patches of the training cases; validation = patch loss + whole-case Dice."""
-    planes, labels, pads = datasets.training_planes(sets["train"], prep)
-    length = cfg.samples_per_epoch or max(256, len(planes))
-    train_data = datasets.PatchDataset(planes, labels, prep.patch_size, length, cfg.fg_prob, cfg.seed, pads)
-    vp, vl, vpad = datasets.training_planes(sets["val"], prep)
-    val_patches = datasets.PatchDataset(vp, vl, prep.patch_size, min(256, max(32, len(vp))), cfg.fg_prob, cfg.seed + 1, vpad)
-    val_x, val_y = val_patches.__getitems__(list(range(len(val_patches))))
+    train_data, (val_x, val_y), length = patch_data(cfg, sets, prep)
     if dist_info.main:
-        visualize.plot_synthetic_samples(val_x[:, 0].numpy(), val_y.numpy(), Path(cfg.output_dir), seed=cfg.seed)
-    augment = Augmenter(seed=cfg.seed, elastic=cfg.elastic) if cfg.augment else None
+        mid = (slice(None), 0) if prep.dim == 2 else (slice(None), 0, val_x.shape[2] // 2)  # 3D: the middle slices
+        visualize.plot_synthetic_samples(val_x[mid].numpy(), val_y[mid[:1] + mid[2:]].numpy() > 0,
+                                         Path(cfg.output_dir), seed=cfg.seed)
+    anisotropic = prep.dim == 3 and max(prep.spacing) > 3 * min(prep.spacing)
+    augment = Augmenter(seed=cfg.seed, elastic=cfg.elastic if prep.dim == 2 else 0.0,
+                        in_plane_only=anisotropic) if cfg.augment else None
+    loss_fn = partial(segmentation_loss, regions=prep.regions)
 
     def validate(m: UNet) -> dict:
-        loss = evaluate(m, val_x, val_y, 16, device, precision, cfg.channels_last)["loss"]
+        loss = evaluate(m, val_x, val_y, 16 if prep.dim == 2 else 2, device, precision, cfg.channels_last,
+                        regions=prep.regions)["loss"]
         rows = evaluate_cases(m, sets["val"], prep, device, precision, cfg, hd=False, mirror=False)  # TTA: test only
         return {"loss": loss, "summary": summarize_rows(rows, prep)}
 
     model = UNet(n_channels=prep.in_channels, n_classes=prep.model_out_channels, base_channels=cfg.base_channels,
-                 bilinear=cfg.bilinear)
-    log.info("模型参数量: %s; 每轮 %d 个 %dx%d 训练块", f"{count_parameters(model):,}", length, prep.patch_size, prep.patch_size)
+                 bilinear=cfg.bilinear, dim=prep.dim, pool=prep.pool)
+    size = "x".join(map(str, prep.patch)) if prep.dim == 3 else f"{prep.patch_size}x{prep.patch_size}"
+    log.info("模型参数量: %s; 每轮 %d 个 %s 训练块", f"{count_parameters(model):,}", length, size)
     result = train_model(cfg, model, train_data, validate, device, precision,
-                         {"preprocessing": prep.to_dict(), "split": split}, dist_info, augment)
+                         {"preprocessing": prep.to_dict(), "split": split}, dist_info, augment, loss_fn)
     if dist_info.main:
         visualize.plot_training_history(result.history, Path(cfg.output_dir))
     return result
@@ -325,7 +409,7 @@ def test_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, device: torch.
     write_case_csv(out_dir / "metrics_per_case.csv", rows)
     stats = summarize_rows(rows, prep)
     hd_unit = "mm" if all(c.meta.spacing_known for c in sets["test"]) else "px"  # plain photos have no spacing
-    plot_case_overlays(rows, out_dir)
+    plot_case_overlays(rows, out_dir, prep)
     update_checkpoint(cfg.checkpoint, postprocessing=post,
                       test_metrics={k: stats[k] for k in ("dice", "iou", "sensitivity", "precision")}
                       | {"per_class_dice": {n: pc["dice"] for n, pc in stats["per_class"].items()},

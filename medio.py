@@ -842,6 +842,53 @@ def read_image(path: str | os.PathLike, *, series: str | None = None) -> tuple[n
 
 
 @_one_line_errors
+def read_meta(path: str | os.PathLike) -> ImageMeta:
+    """The :class:`ImageMeta` of an image without its pixels where the format allows (NIfTI: the header only),
+    e.g. to plan a 3D network from every case's shape and spacing before loading any of them."""
+    p = Path(path)
+    if detect_format(p) != "nifti":
+        return read_image(p)[1]
+    import nibabel as nib
+
+    shape = _check_nifti_header(p, _nifti_header(p), False)
+    try:
+        img = nib.load(str(p))  # lazy: reads the header, not the data
+        zooms, affine = img.header.get_zooms(), np.asarray(img.affine, dtype=float)
+    except Exception as exc:  # noqa: BLE001 - whatever nibabel raises on a header it cannot parse
+        raise InputError(f"{p}: cannot read the NIfTI header ({type(exc).__name__}: {oneline(exc, 200)}; expected a valid "
+                         "NIfTI file)") from None
+    ndim = min(len(shape), 3)
+    meta = _meta(p, "nifti", zooms[:ndim][::-1], affine, ndim)
+    meta.shape = tuple(int(n) for n in shape[:ndim][::-1])
+    meta.channels = int(shape[3]) if len(shape) == 4 else 1
+    return meta
+
+
+def read_channels(paths: list[str | os.PathLike | None], case: str = "case") -> tuple[np.ndarray, ImageMeta]:
+    """Read the channel files of one case (nnU-Net's ``case_0000``, ``case_0001``, ...) as one channel-last array
+    ``(*spatial, C)`` with the first file's :class:`ImageMeta` (``channels = C``). Every channel must lie on the
+    first one's grid (:func:`check_pair`); a missing one (``None``) is named."""
+    missing = [c for c, p in enumerate(paths) if p is None]
+    if missing:
+        present = next((Path(p) for p in paths if p is not None), None)
+        where = f"{present.parent}/" if present else ""
+        raise InputError(f"{where}{case}: channel file(s) {', '.join(f'{case}_{c:04d}' for c in missing)} missing "
+                         f"(expected {len(paths)} channels, one file each)")
+    arrays, first = [], None
+    for p in paths:
+        arr, meta = read_image(p)
+        if meta.channels > 1:
+            raise InputError(f"{p}: a channel file holds {meta.channels} channels itself (expected one per file)")
+        if first is None:
+            first = meta
+        else:
+            check_pair(first, meta, what="channel")
+        arrays.append(arr)
+    first.channels = len(arrays)
+    return np.stack(arrays, axis=-1), first
+
+
+@_one_line_errors
 def read_mask(path: str | os.PathLike, *, series: str | None = None,
               reference: ImageMeta | None = None) -> tuple[np.ndarray, ImageMeta]:
     """Read a label mask as uint8 of the image's spatial shape; check it against ``reference`` if given."""

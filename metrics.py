@@ -38,13 +38,21 @@ def soft_dice_loss(probs: torch.Tensor, target: torch.Tensor, smooth: float = 1.
     return 1.0 - ((2.0 * inter + smooth) / (denom + smooth)).mean()
 
 
-def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """BCE + soft Dice on logits (one output channel) or CE + soft Dice over foreground classes.
+def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float = 1.0,
+                      regions: bool = False) -> torch.Tensor:
+    """BCE + soft Dice on logits (one output channel, or one per region) or CE + soft Dice over foreground classes.
 
-    logits: (N, C, H, W). labels: (N, H, W) integer label map (0 = background).
-    C == 1: sigmoid / binary; C > 1: softmax over C classes, Dice over classes 1..C-1.
+    logits: (N, C, *spatial). labels: (N, *spatial) integer label map (0 = background), or for ``regions`` the
+    bit masks of :func:`preprocess.to_classes` (bit c set = inside region c + 1).
+    C == 1: sigmoid / binary; regions: one sigmoid per region (nnU-Net's region-based training);
+    otherwise softmax over C classes, Dice over classes 1..C-1.
     """
     logits = logits.float()  # the loss in fp32 even under bf16 autocast
+    if regions:
+        bits = labels.to(torch.int32).unsqueeze(1)
+        target = ((bits >> torch.arange(logits.size(1), device=bits.device).view(1, -1, *[1] * (bits.dim() - 2))) & 1)
+        target = target.to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target) + soft_dice_loss(torch.sigmoid(logits), target, smooth)
     if logits.size(1) == 1:
         target = (labels > 0).unsqueeze(1).to(logits.dtype)
         bce = F.binary_cross_entropy_with_logits(logits, target)
@@ -54,13 +62,6 @@ def segmentation_loss(logits: torch.Tensor, labels: torch.Tensor, smooth: float 
     probs = torch.softmax(logits, dim=1)[:, 1:]
     onehot = F.one_hot(labels, logits.size(1)).movedim(-1, 1)[:, 1:].to(probs.dtype)
     return ce + soft_dice_loss(probs, onehot, smooth)
-
-
-def logits_to_labels(logits: torch.Tensor, threshold: float = 0.5) -> torch.Tensor:
-    """(N, C, H, W) logits -> (N, H, W) uint8 label map (sigmoid > threshold, or argmax for C > 1)."""
-    if logits.size(1) == 1:
-        return (torch.sigmoid(logits[:, 0].float()) > threshold).to(torch.uint8)
-    return logits.argmax(dim=1).to(torch.uint8)
 
 
 # ---------------------------------------------------------------------------------------- metrics

@@ -48,6 +48,7 @@ class Preprocessing:
     dim:              2 (planes; a volume is predicted slice by slice) or 3 (whole volumes)
     spacing:          3D: the target spacing (dz, dy, dx) in mm every case is resampled to
     patch:            3D: the patch (pz, py, px) in voxels at the target spacing
+    pool:             3D: the network's pooling factors per level and axis (``model.UNetArgs.pool``)
     crop_nonzero:     3D: crop each case to the box of its non-zero voxels before everything else (nnU-Net)
     """
 
@@ -65,6 +66,7 @@ class Preprocessing:
     dim: int = 2
     spacing: list[float] | None = None
     patch: list[int] | None = None
+    pool: list[list[int]] | None = None
     crop_nonzero: bool = False
 
     @property
@@ -314,3 +316,38 @@ def pad_to(x: torch.Tensor, min_h: int, min_w: int, value: float = 0.0) -> tuple
 def pad_value(planes: np.ndarray | torch.Tensor) -> float:
     """Value used to pad images: the case's minimum (air / background after normalisation)."""
     return float(planes.min())
+
+
+# ---------------------------------------------------------------------------------------------- 3D volumes
+@dataclass
+class PreparedVolume:
+    """A case as the 3D network sees it, and what is needed to map predictions back to the original grid."""
+
+    volume: np.ndarray                   # (C, Z', Y', X') normalised, cropped, at the target spacing
+    labels: np.ndarray | None            # (Z', Y', X') classes on the same grid (training cases)
+    bbox: tuple[slice, slice, slice]     # the crop, in the original grid
+    cropped_shape: tuple[int, int, int]  # the crop's shape before resampling
+    shape: tuple[int, int, int]          # the original spatial shape
+    spacing: tuple[float, float, float]  # the original spacing
+    target_spacing: tuple[float, float, float]  # the network's spacing
+
+
+def prepare_volume(image: np.ndarray, spacing, prep: Preprocessing, labels: np.ndarray | None = None) -> PreparedVolume:
+    """nnU-Net's order: crop to the non-zero box (``prep.crop_nonzero``), normalise (statistics of the crop), then
+    resample to ``prep.spacing`` (images third order, labels through one-hot; a much coarser slice axis nearest)."""
+    import resample
+
+    x = np.asarray(image, dtype=np.float32)
+    channels_last = x.ndim == 4
+    raw = np.moveaxis(x, -1, 0) if channels_last else x[None]
+    shape = tuple(int(n) for n in raw.shape[1:])
+    bbox = resample.nonzero_bbox(raw, labels) if prep.crop_nonzero else tuple(slice(0, n) for n in shape)
+    cropped = raw[(slice(None), *bbox)]
+    vol = to_volume(np.moveaxis(cropped, 0, -1) if channels_last else cropped[0], prep)
+    target = tuple(float(v) for v in prep.spacing)
+    vol = resample.resample_image(vol, tuple(spacing), target)
+    lab = None
+    if labels is not None:
+        lab = resample.resample_labels(np.asarray(labels)[bbox], tuple(spacing), target)
+    return PreparedVolume(np.ascontiguousarray(vol, dtype=np.float32), lab, bbox, tuple(cropped.shape[1:]), shape,
+                          tuple(float(v) for v in spacing), target)

@@ -53,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_number(p, "--base-channels", TRAIN["base_channels"], None,
                f"U-Net width of the first level (default: {_task_default('base_channels')})")
     p.add_argument("--no-bilinear", dest="bilinear", action="store_false", help="up-sample with transposed convolutions")
-    num(p, "--batch-size", "training batch size")
+    add_number(p, "--batch-size", TRAIN["batch_size"], None, "training batch size (default: 8, 3D: 2)")
     add_number(p, "--lr", TRAIN["lr"], None, f"Adam learning rate (default: {_task_default('lr')})")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,
                    help="plateau: halve the LR when the validation loss stalls (2 epochs); poly: decay to 0 over --epochs")
@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
     num(r, "--val-fraction", "share of cases for validation")
     num(r, "--test-fraction", "share of cases held out for testing")
     num(r, "--max-cases", "use only the first N cases (0 = all)")
+    v = p.add_argument_group("volumes")
+    v.add_argument("--dim", type=int, choices=(2, 3), default=d.dim, help="2: train on planes (a volume slice by slice); "
+                   "3: a 3D U-Net on whole volumes, resampled to a common spacing")
+    v.add_argument("--patch", default=None, metavar="Z,Y,X", help="3D training patch in voxels at the target spacing "
+                   "(default: from the median case shape, within a CPU's budget)")
+    v.add_argument("--spacing", default=None, metavar="Z,Y,X", help="3D target spacing in mm (default: the dataset's "
+                   "median spacing; a much coarser slice axis takes its 10th percentile)")
     r.add_argument("--check", action="store_true", help="only run the dataset check and report geometry / structure volumes")
     return p
 

@@ -27,7 +27,7 @@ from errors import ConfigError, MedSegError
 from inference import probs_from_logits, probs_to_labels
 from metrics import per_case_scores, segmentation_loss, summarize
 from options import TRAIN
-from preprocess import NORMALIZATIONS
+from preprocess import NORMALIZATIONS, class_mask
 from runtime import autocast, channels_last, make_grad_scaler, to_channels_last
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ class TrainConfig:
     image_size: int = 64
     base_channels: int | None = None  # None: TASK_DEFAULTS (16 for the seed preset, else 32)
     bilinear: bool = True
-    batch_size: int = 8
+    batch_size: int | None = None  # None: 8 for 2D, 2 for 3D
     lr: float | None = None  # None: TASK_DEFAULTS (3e-3 for the seed preset, else 1e-3)
     seed: int = 42
     difficulty: str = "seed"
@@ -84,12 +84,18 @@ class TrainConfig:
     tta: bool = False  # mirror test-time augmentation at test and in predict.py (not in per-epoch validation)
     max_cases: int = 0  # 0 = all cases (a smaller number for quick experiments)
     resume: bool = False  # continue from last.pth in output_dir
+    # whole volumes (run.py --dim 3); None: derived from the data (plan.py)
+    dim: int = 2
+    patch: str | None = None  # "Z,Y,X" voxels at the target spacing
+    spacing: str | None = None  # "Z,Y,X" mm, the target spacing every case is resampled to
 
     def __post_init__(self) -> None:
         task = "seed" if self.difficulty == "seed" and not self.real_data else "other"
         for name, value in TASK_DEFAULTS[task].items():
             if getattr(self, name) is None:
                 setattr(self, name, value)
+        if self.batch_size is None:
+            self.batch_size = 2 if self.dim == 3 else 8
 
     @property
     def real_data(self) -> bool:
@@ -104,10 +110,12 @@ class TrainConfig:
         if self.val_fraction + self.test_fraction >= 1:
             problems.append(f"--val-fraction + --test-fraction must be < 1 (got {self.val_fraction + self.test_fraction:g})")
         for name, choices in (("lr_schedule", LR_SCHEDULES), ("difficulty", DIFFICULTIES),
-                              ("normalize", ("auto", *NORMALIZATIONS)), ("in_channels", (0, 1, 3))):
+                              ("normalize", ("auto", *NORMALIZATIONS)), ("in_channels", (0, 1, 3)), ("dim", (2, 3))):
             if getattr(self, name) not in choices:
                 problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))} "
                                 f"(got {getattr(self, name)!r})")
+        if self.dim == 3 and not self.real_data:
+            problems.append("--dim 3 trains on volumes: give --data (the synthetic images are 2D)")
         if problems:
             raise ConfigError("invalid configuration: " + "; ".join(problems))
 
@@ -181,7 +189,7 @@ class TrainingDiverged(MedSegError):
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
                     precision: str = "fp32", use_channels_last: bool = False, desc: str = "",
                     progress: bool = True, augment: Callable | None = None,
-                    scaler: torch.amp.GradScaler | None = None) -> float:
+                    scaler: torch.amp.GradScaler | None = None, loss_fn: Callable = segmentation_loss) -> float:
     """One pass over ``loader``; returns the mean training loss per image. ``scaler``: fp16's GradScaler
     (a step whose scaled gradients overflow is skipped and the scale halved)."""
     model.train()
@@ -196,7 +204,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             optimizer.zero_grad(set_to_none=True)
             with autocast(device, precision):
                 logits = model(images)
-            loss = segmentation_loss(logits, labels)
+            loss = loss_fn(logits, labels)
             value = loss.item()
             if not math.isfinite(value):
                 raise TrainingDiverged(f"the training loss became {value} ({desc.strip() or 'training'}); the "
@@ -216,7 +224,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
 
 @torch.inference_mode()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int, device: torch.device,
-             precision: str = "fp32", use_channels_last: bool = False, threshold: float = 0.5) -> dict:
+             precision: str = "fp32", use_channels_last: bool = False, threshold: float = 0.5,
+             regions: bool = False) -> dict:
     """Loss and per-image scores of in-memory patches (validation). Returns ``{"loss", "scores", "summary"}``.
 
     Binary models: scores of the foreground; multi-class: the summary's ``dice``/``iou``/... are the means
@@ -229,12 +238,14 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
         with autocast(device, precision):
             chunks.append(model(channels_last(x) if use_channels_last else x).float().cpu())
     logits = torch.cat(chunks)
-    loss = float(segmentation_loss(logits, labels).item())
-    pred = torch.from_numpy(probs_to_labels(probs_from_logits(logits), threshold))
+    loss = float(segmentation_loss(logits, labels, regions=regions).item())
+    pred = probs_to_labels(probs_from_logits(logits, regions), threshold, regions)
     if logits.size(1) == 1:
-        scores = per_case_scores(pred, labels > 0)
+        scores = per_case_scores(pred, labels.numpy() > 0)
         return {"loss": loss, "scores": scores, "summary": summarize(scores)}
-    per_class = {c: summarize(per_case_scores(pred == c, labels == c)) for c in range(1, logits.size(1))}
+    classes = range(1, logits.size(1) + (1 if regions else 0))
+    per_class = {c: summarize(per_case_scores(class_mask(pred, c, regions), class_mask(labels.numpy(), c, regions)))
+                 for c in classes}
     summary = {k: float(np.nanmean([pc[k] for pc in per_class.values()])) for k in ("dice", "iou", "sensitivity", "precision")}
     return {"loss": loss, "scores": None, "summary": {**summary, "per_class": per_class}}
 
@@ -366,7 +377,7 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
         device: torch.device, precision: str, checkpoint_path: str | os.PathLike,
         augment: Callable | None = None, extra_checkpoint: dict | None = None,
         last_path: str | os.PathLike | None = None, resume: dict | None = None,
-        dist_info: DistInfo | None = None) -> FitResult:
+        dist_info: DistInfo | None = None, loss_fn: Callable = segmentation_loss) -> FitResult:
     """Train with Adam + ReduceLROnPlateau(val loss) or poly LR; keep the model with the best validation Dice.
 
     ``train_data`` yields (images, labels) batches through ``__getitems__`` (and may have ``set_epoch``);
@@ -412,7 +423,7 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
             _seed_epoch(loader, train_data, sampler, augment, cfg.seed, epoch)
             train_loss = dist.mean(train_one_epoch(net, loader, optimizer, device, precision, cfg.channels_last,
                                                    f"Epoch {epoch}/{cfg.epochs}", cfg.progress and dist.main, augment,
-                                                   scaler), device)
+                                                   scaler, loss_fn), device)
             val = dist.from_main(validate(model) if dist.main else None)
             if cfg.lr_schedule == "plateau":
                 scheduler.step(val["loss"])
