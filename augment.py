@@ -1,9 +1,16 @@
 """Batched, seeded training augmentation in torch: cheap on a CPU because it runs once per batch.
 
-Spatial (same transform for image and labels): random horizontal / vertical flips, a small rotation
-and scaling (one affine grid per batch item), optional elastic deformation (a smooth random
-displacement field). Intensity (image only): brightness and contrast jitter.
+One :class:`Augmenter` for 2D batches (images (N, C, H, W), labels (N, H, W)) and 3D batches (images
+(N, C, D, H, W), labels (N, D, H, W)).
+
+Spatial (same transform for image and labels): random flips along every spatial axis, a small rotation and
+scaling (one affine grid per batch item), in 2D optionally an elastic deformation (a smooth random
+displacement field). Intensity (image only): brightness and contrast jitter, optionally gamma.
 Labels are resampled with nearest neighbour so they stay integer classes.
+
+The 2D path draws exactly the random numbers it always did, in the same order, so a seed gives the same batches
+as before 3D support was added (trained results and tests depend on it); the optional gamma step only draws
+when it is enabled.
 """
 from __future__ import annotations
 
@@ -16,7 +23,18 @@ import torch.nn.functional as F
 
 @dataclass
 class Augmenter:
-    """Callable ``(images (N, C, H, W), labels (N, H, W)) -> augmented copies``; deterministic per ``seed``."""
+    """Callable ``(images, labels) -> augmented copies`` for 2D or 3D batches; deterministic per ``seed``.
+
+    rotate_deg:    2D: rotation in the plane; 3D: about the slice (first spatial) axis when ``in_plane_only``,
+                   otherwise about each of the three axes, each angle uniform in +-rotate_deg
+    scale:         zoom factor range (3D with ``in_plane_only``: in-plane only, the slice axis is not scaled)
+    elastic:       2D only (displacement amplitude as a fraction of the image size; 0 = off); a 3D batch with
+                   ``elastic`` set is refused
+    in_plane_only: 3D: rotate and scale only within the slices; the caller sets it for anisotropic data (thick
+                   slices, where interpolating across slices would invent structure), as nnU-Net does
+    gamma:         range of a per-item gamma (intensities mapped to [0, 1], raised to gamma, mapped back, mean
+                   and spread kept), applied with probability ``p_gamma``; None = off (the default, 2D and 3D)
+    """
 
     seed: int = 0
     flip: bool = True
@@ -25,6 +43,9 @@ class Augmenter:
     intensity: float = 0.1
     elastic: float = 0.0  # displacement amplitude as a fraction of the image size; 0 = off
     p_spatial: float = 0.7
+    in_plane_only: bool = False
+    gamma: tuple[float, float] | None = None
+    p_gamma: float = 0.3
 
     def __post_init__(self) -> None:
         self.gen = torch.Generator().manual_seed(self.seed)
@@ -37,6 +58,30 @@ class Augmenter:
         return torch.rand(n, generator=self.gen) * (hi - lo) + lo
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Augmented float32 images and labels (same dtype as given): (N, C, H, W) + (N, H, W), or
+        (N, C, D, H, W) + (N, D, H, W). The inputs are not modified."""
+        if images.ndim not in (4, 5) or labels.ndim != images.ndim - 1 or labels.shape[0] != images.shape[0] \
+                or labels.shape[1:] != images.shape[2:]:
+            raise ValueError(f"expected images (N, C, *spatial) and labels (N, *spatial) with 2 or 3 spatial axes, "
+                             f"got {tuple(images.shape)} and {tuple(labels.shape)}")
+        if images.ndim == 4:
+            x, y = self._spatial_2d(images, labels)
+        else:
+            x, y = self._spatial_3d(images, labels)
+        if self.intensity:
+            n, one = x.shape[0], (1,) * (x.ndim - 1)
+            dims = tuple(range(1, x.ndim))
+            mean = x.mean(dim=dims, keepdim=True)
+            contrast = self._u(n, 1 - self.intensity, 1 + self.intensity).view(n, *one)
+            std = x.std(dim=dims, keepdim=True).clamp_min(1e-3)
+            shift = self._u(n, -self.intensity, self.intensity).view(n, *one) * std
+            x = (x - mean) * contrast + mean + shift
+        if self.gamma is not None:
+            x = self._gamma(x)
+        return x.contiguous(), y.contiguous()
+
+    def _spatial_2d(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # Unchanged from the 2D-only version, draw for draw: do not reorder or add draws here.
         n, _, h, w = images.shape
         x, y = images.float(), labels
         if self.flip:
@@ -59,10 +104,78 @@ class Augmenter:
             fill = x.amin(dim=(1, 2, 3), keepdim=True)
             x = F.grid_sample(x - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
             y = F.grid_sample(y[:, None].float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)[:, 0].to(labels.dtype)
-        if self.intensity:
-            mean = x.mean(dim=(1, 2, 3), keepdim=True)
-            contrast = self._u(n, 1 - self.intensity, 1 + self.intensity).view(n, 1, 1, 1)
-            std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
-            shift = self._u(n, -self.intensity, self.intensity).view(n, 1, 1, 1) * std
-            x = (x - mean) * contrast + mean + shift
-        return x.contiguous(), y.contiguous()
+        return x, y
+
+    def _spatial_3d(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.elastic:
+            raise ValueError("elastic deformation is 2D-only: use elastic=0 for 3D batches")
+        n, _, d, h, w = images.shape
+        x, y = images.float(), labels
+        if self.flip:
+            flips = torch.rand(n, 3, generator=self.gen) < 0.5  # per item: flip D, H, W
+            if flips.any():
+                # one flip per item (of all its flipped axes at once) instead of a flipped copy of the whole batch
+                # per axis; torch.stack copies, so the caller's tensors are never written
+                axes = [[a for a in range(3) if f[a]] for f in flips.tolist()]
+                x = torch.stack([xi.flip([a + 1 for a in ax]) if ax else xi for xi, ax in zip(x, axes)])
+                y = torch.stack([yi.flip(ax) if ax else yi for yi, ax in zip(y, axes)])
+        spatial = torch.rand(n, generator=self.gen) < self.p_spatial
+        if self.rotate_deg or self.scale != (1.0, 1.0):
+            # drawn for every item whether or not it is transformed, so an item's draws do not depend on the others
+            angles = self._u(n * (1 if self.in_plane_only else 3), -self.rotate_deg, self.rotate_deg).view(n, -1)
+            zoom = self._u(n, *self.scale)
+            idx = spatial.nonzero()[:, 0]
+            if len(idx):
+                theta = _affine_3d(angles[idx] * (math.pi / 180), zoom[idx], (d, h, w), self.in_plane_only)
+                grid = F.affine_grid(theta, (len(idx), 1, d, h, w), align_corners=False)
+                xs = x[idx]
+                fill = xs.amin(dim=(1, 2, 3, 4), keepdim=True)  # outside the volume: its minimum (air, background)
+                xs = F.grid_sample(xs - fill, grid, mode="bilinear", padding_mode="zeros", align_corners=False) + fill
+                ys = F.grid_sample(y[idx][:, None].float(), grid, mode="nearest", padding_mode="zeros",
+                                   align_corners=False)[:, 0].to(labels.dtype)
+                # out of place: x may still be the caller's tensor
+                x, y = (xs, ys) if len(idx) == n else (x.index_copy(0, idx, xs), y.index_copy(0, idx, ys))
+        return x, y
+
+    def _gamma(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-item gamma with probability ``p_gamma``; mean and standard deviation of the item are kept."""
+        n, one = x.shape[0], (1,) * (x.ndim - 1)
+        dims = tuple(range(1, x.ndim))
+        apply = (torch.rand(n, generator=self.gen) < self.p_gamma).view(n, *one)
+        g = self._u(n, *self.gamma).view(n, *one)
+        if not apply.any():
+            return x
+        lo = x.amin(dim=dims, keepdim=True)
+        span = (x.amax(dim=dims, keepdim=True) - lo).clamp_min(1e-7)
+        mean, std = x.mean(dim=dims, keepdim=True), x.std(dim=dims, keepdim=True)
+        gx = ((x - lo) / span).pow(g) * span + lo
+        # gamma reshapes the histogram; keeping mean and spread leaves level and contrast to the jitter above
+        gx = (gx - gx.mean(dim=dims, keepdim=True)) / gx.std(dim=dims, keepdim=True).clamp_min(1e-7) * std + mean
+        return torch.where(apply, gx, x)
+
+
+def _affine_3d(angles: torch.Tensor, zoom: torch.Tensor, size: tuple[int, int, int], in_plane_only: bool) -> torch.Tensor:
+    """``F.affine_grid`` matrices (m, 3, 4) of a rotation by ``angles`` (m, 1) about the slice axis or (m, 3)
+    about each axis, and a zoom by ``zoom`` (m,) (in-plane only with ``in_plane_only``), about the volume centre.
+
+    The transform is built in voxel units and conjugated into affine_grid's normalised coordinates (each axis
+    spans [-1, 1] whatever its length), so a rotation of a non-cubic patch stays a rotation, not a shear.
+    Coordinates are affine_grid's (x, y, z) = (W, H, D).
+    """
+    m = len(zoom)
+
+    def rotation(a: torch.Tensor, i: int, j: int) -> torch.Tensor:  # in the plane of coordinates i and j
+        r = torch.eye(3).repeat(m, 1, 1)
+        c, s = torch.cos(a), torch.sin(a)
+        r[:, i, i], r[:, j, j], r[:, i, j], r[:, j, i] = c, c, -s, s
+        return r
+
+    r = rotation(angles[:, 0], 0, 1)  # about D: within the slice, the (x, y) plane
+    if angles.shape[1] == 3:
+        r = r @ rotation(angles[:, 1], 0, 2) @ rotation(angles[:, 2], 1, 2)  # about H, then about W
+    inv = 1 / zoom  # the grid maps output to input positions: sampling a smaller region magnifies
+    scale = torch.stack([inv, inv, torch.ones(m) if in_plane_only else inv], 1)
+    a = r * scale[:, None, :]  # r @ diag(scale)
+    s = torch.tensor([size[2], size[1], size[0]], dtype=a.dtype)  # voxels per unit of normalised x, y, z (x2)
+    a = a * s[None, None, :] / s[None, :, None]  # diag(s)^-1 @ a @ diag(s)
+    return torch.cat([a, torch.zeros(m, 3, 1)], dim=2)
