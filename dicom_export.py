@@ -151,6 +151,7 @@ def source_datasets(path: str | os.PathLike, series: str | None = None) -> list[
     """The source series' full pydicom datasets in exactly the slice order ``medio.read_image(path)`` stacks
     them into its ``(Z, Y, X)`` array (DICOM folder or zip; ``series`` as in medio). A single DICOM file gives
     a one-item list (its 2D labels are accepted as ``(1, H, W)`` or ``(H, W)``)."""
+    import dicom_io
     import medio
 
     p = Path(path)
@@ -161,7 +162,7 @@ def source_datasets(path: str | os.PathLike, series: str | None = None) -> list[
         import pydicom
 
         return [pydicom.dcmread(p, force=True)]
-    return medio.dicom_series_datasets(p, series)
+    return dicom_io.dicom_series_datasets(p, series)
 
 
 def require_dicom(meta: Any, path: str | os.PathLike, output_type: str = "dicom-seg") -> None:
@@ -379,10 +380,8 @@ def segment_codes(name: str, role: str | None = None) -> tuple[Any, Any]:
 
 
 def _atomic_write(out: Path, write: Callable[[str], None]) -> Path:
-    try:
-        from fileio import atomic_write
-    except ImportError:
-        from medio import atomic_write
+    from fileio import atomic_write
+
     return atomic_write(out, ".dcm", write)
 
 

@@ -42,13 +42,9 @@ Safety (through :mod:`fileio`)
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import math
 import os
-import re
-import shlex
-from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +54,7 @@ import numpy as np
 
 import fileio
 from errors import InputError, oneline
-from fileio import atomic_write, json_safe  # re-exported for old callers (predict, app); new code imports fileio
+from fileio import atomic_write, json_safe
 
 log = logging.getLogger(__name__)
 
@@ -69,16 +65,14 @@ _SUFFIX_FORMATS = {
 }
 SUPPORTED_SUFFIXES: tuple[str, ...] = tuple(_SUFFIX_FORMATS)
 _RASTER_FORMATS = {"png", "jpeg", "bmp", "tiff", "gif"}
-_FORMAT_NAMES = {"nifti": "NIfTI", "dicom": "DICOM", "png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF",
+FORMAT_NAMES = {"nifti": "NIfTI", "dicom": "DICOM", "png": "PNG", "jpeg": "JPEG", "bmp": "BMP", "tiff": "TIFF",
                  "gif": "GIF", "nrrd": "NRRD", "mha": "MetaImage"}
 # Two-file formats whose header names a second file; refused rather than resolved (see detect_format).
 _PAIR_SUFFIXES = (".hdr", ".img", ".hdr.gz", ".img.gz")
-_DICOMDIR_UID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: a DICOMDIR index
-_HEADER_WINDOW = 1 << 20  # the part of a text header (MetaImage, NRRD) that is parsed for data-file names
+DICOMDIR_UID = "1.2.840.10008.1.3.10"  # Media Storage Directory Storage: a DICOMDIR index
 MAX_CHANNELS = 16  # a 4D NIfTI with more volumes on its last axis is a time series, not the channels of one scan
 _MAX_NIFTI_OFFSET = 256 << 20  # bytes before NIfTI data (header extensions); more is skipped by decompressing
-_MAX_DATA_FILES = 10_000  # data files one detached header may name
-_LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
+LPS_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])  # its own inverse
 _LABEL_TOL = 1e-3        # how far a float mask value may be from an integer
 _LOSSY_CHANNEL_TOL = 32  # max channel difference still "grey" in a JPEG mask
 
@@ -112,7 +106,7 @@ class ImageMeta:
         return cls(**d)
 
 
-def _one_line_errors(fn):
+def one_line_errors(fn):
     """Make every InputError of a public reader one printable line: a file name with a newline or other
     control character (possible on Linux, and in zip member names) would otherwise split the message."""
     @functools.wraps(fn)
@@ -128,7 +122,7 @@ def _one_line_errors(fn):
 
 
 # ----------------------------------------------------------------------------------------------- detection
-def _suffix(path: Path) -> str:
+def file_suffix(path: Path) -> str:
     name = path.name.lower()
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix.lower()
 
@@ -142,14 +136,14 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
         return False
 
 
-@_one_line_errors
+@one_line_errors
 def detect_format(path: str | os.PathLike) -> str:
     """Format name of an existing file or folder: by suffix, DICOM folder, or DICOM preamble.
 
     Refuses, before anything is opened, what is not a regular file or folder (FIFO, socket, device,
     symlink loop, dangling symlink), folders named like image files, and two-file Analyze pairs."""
     p = fileio.require_regular_file(path, folder_ok=True)
-    sfx = _suffix(p)
+    sfx = file_suffix(p)
     if p.is_dir():
         if sfx in _SUFFIX_FORMATS and sfx != ".dcm":
             raise InputError(f"{p}: is a folder, not a {sfx} file (expected a {sfx} file, or a DICOM series "
@@ -166,7 +160,7 @@ def detect_format(path: str | os.PathLike) -> str:
     if fmt is None and is_dicom_file(p):
         fmt = "dicom"
     if fmt is None:
-        raise InputError(f"{p}: unsupported file type '{_suffix(p) or '(no extension)'}' "
+        raise InputError(f"{p}: unsupported file type '{file_suffix(p) or '(no extension)'}' "
                          f"(expected one of {', '.join(SUPPORTED_SUFFIXES)}, a DICOM file or a DICOM folder)")
     return fmt
 
@@ -174,7 +168,7 @@ def detect_format(path: str | os.PathLike) -> str:
 # ------------------------------------------------------------------------------------------------ geometry
 def _geometry(ras_affine: np.ndarray, ndim: int) -> tuple[tuple[float, ...], tuple[tuple[float, ...], ...]]:
     """Array-order LPS origin and direction from a 4x4 RAS affine (2D: the in-plane part)."""
-    lps = _LPS_RAS @ ras_affine
+    lps = LPS_RAS @ ras_affine
     m = lps[:3, :3]
     norms = np.linalg.norm(m, axis=0)
     d = (m / np.where(norms > 0, norms, 1.0))[::-1, ::-1][3 - ndim:, 3 - ndim:]
@@ -182,7 +176,7 @@ def _geometry(ras_affine: np.ndarray, ndim: int) -> tuple[tuple[float, ...], tup
     return tuple(map(float, origin)), tuple(tuple(map(float, r)) for r in d)
 
 
-def _meta(path: Path, fmt: str, spacing, affine: np.ndarray | None, ndim: int, *,
+def make_meta(path: Path, fmt: str, spacing, affine: np.ndarray | None, ndim: int, *,
           store_affine: bool = True, **kw) -> ImageMeta:
     """Meta with origin/direction derived from ``affine`` (identity when None); shape is set by _read."""
     if affine is None:
@@ -277,142 +271,7 @@ def _read_nifti(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[n
         "sform": hdr.get_sform().tolist(), "sform_code": int(hdr["sform_code"]),
         "xyzt_units": int(hdr["xyzt_units"]), "dtype": str(img.get_data_dtype())}}
     zooms = hdr.get_zooms()[:ndim][::-1]
-    return data, _meta(path, fmt, zooms, np.asarray(img.affine, dtype=float), ndim, extra=extra)
-
-
-# ----- formats whose text header may name other files (MetaImage ElementDataFile, NRRD data file)
-_DATA_FILE_KEYS = {"mha": ("elementdatafile",), "nrrd": ("datafile",)}
-_PRINTF_INT = re.compile(r"%[-+ #0]*\d*(?:\.\d+)?(?:hh|h|ll|l|j|z|t|q|L)?([diuoxX])")
-
-
-def _header_data_files(path: Path, fmt: str) -> list[tuple[str, bool]]:
-    """Every data-file name the MetaImage / NRRD header of ``path`` could make SimpleITK open, as
-    ``(name, primary)``; ``primary`` marks the plain single-file form, whose file must exist.
-
-    Parsed more broadly than MetaIO / teem do (both line-ending conventions, any case, every line of the
-    first MiB, each reading of an ambiguous value), so that a name the library would follow is never missed;
-    a header that does not end within that MiB is refused."""
-    head = fileio.read_head(path, _HEADER_WINDOW + 1)
-    window = head[:_HEADER_WINDOW]
-    text = window.decode("latin-1")
-    names: list[tuple[str, bool]] = []
-    found = listed = False
-    for lines in (text.split("\n"), re.split(r"\r\n|\r|\n", text)):
-        lines = [line.rstrip("\r") for line in lines]
-        for i, line in enumerate(lines):
-            m = re.match(r"\s*([^:=]*?)\s*(?::=|[:=])\s*(.*?)\s*$", line)
-            if not m or re.sub(r"[\s_\-]", "", m.group(1)).lower() not in _DATA_FILE_KEYS[fmt]:
-                continue
-            found = True
-            listed = listed or m.group(2).upper().startswith("LIST")
-            names.extend(_data_file_value(path, m.group(2), lines[i + 1:]))
-    if len(head) > _HEADER_WINDOW:  # the file goes on past what was parsed: the header must have ended
-        # MetaIO stops at ElementDataFile, teem at the first blank line; a LIST runs to the end of the file
-        ended = (b"\n\n" in window or b"\r\n\r\n" in window) if fmt == "nrrd" else found
-        if listed or not ended:
-            raise InputError(f"{path}: {_FORMAT_NAMES[fmt]} header {'file list ' if listed else ''}is longer than "
-                             f"{fileio.format_bytes(_HEADER_WINDOW)} (expected a short text header)")
-    return names
-
-
-def _data_file_value(path: Path, value: str, rest: list[str]) -> list[tuple[str, bool]]:
-    """Names one ``ElementDataFile`` / ``data file`` value can stand for: LOCAL (none), one file, ``LIST``
-    (the following lines) or a printf pattern ``name%03d.raw first last step``."""
-    tokens = value.split()
-    if not tokens or value.upper() == "LOCAL":
-        return []
-    if tokens[0].upper().startswith("LIST"):
-        return [(line.strip(), False) for line in rest if line.strip()]
-    names = [(value, "%" not in value)]
-    if len(tokens) > 1:
-        names.append((tokens[0], False))
-    if "%" in value:
-        names.extend((n, False) for n in _expand_pattern(path, tokens))
-    return names
-
-
-def _c_to_py(m: re.Match) -> str:
-    """A C printf integer conversion as a Python one: no length modifier, %i / %u -> %d."""
-    spec = re.sub(r"(?:hh|h|ll|l|j|z|t|q|L)(?=[diuoxX]$)", "", m.group(0))
-    return spec[:-1] + ("d" if spec[-1] in "iu" else spec[-1])
-
-
-def _expand_pattern(path: Path, tokens: list[str]) -> list[str]:
-    """File names of a ``pattern first last step`` data-file form (MetaIO / teem), bounded in number."""
-    pattern = tokens[0]
-    if len(_PRINTF_INT.findall(pattern)) != 1 or pattern.replace("%%", "").count("%") != 1:
-        raise InputError(f"{path}: header names data files by the pattern '{fileio.printable(pattern)}' "
-                         f"(expected one integer field such as %03d)")
-    try:
-        first, last = int(tokens[1]), int(tokens[2])
-        step = int(tokens[3]) if len(tokens) > 3 else 1
-        if step == 0:
-            raise ValueError
-        numbers = range(first, last + (1 if step > 0 else -1), step)
-    except (IndexError, ValueError):
-        raise InputError(f"{path}: header names data files by '{fileio.printable(' '.join(tokens))}' (expected "
-                         f"'pattern first last step' with integers)") from None
-    if len(numbers) > _MAX_DATA_FILES:
-        raise InputError(f"{path}: header names {len(numbers):,} data files (expected at most {_MAX_DATA_FILES:,})")
-    py = _PRINTF_INT.sub(_c_to_py, pattern)
-    return [py % n for n in numbers]
-
-
-def _check_data_files(path: Path, fmt: str) -> None:
-    """Refuse a header that names a data file outside its own folder (``/etc/passwd``, ``../secret.raw``, a
-    symlink leading out) or a missing one -- BEFORE SimpleITK, which would follow any name, sees it."""
-    folder = path.parent
-    for name, primary in _header_data_files(path, fmt):
-        target = fileio.resolve_inside(folder, name, path)
-        if primary and not target.exists():
-            raise InputError(f"{path}: header names the data file '{fileio.printable(name)}', which is missing "
-                             f"(expected it beside the header in {folder.resolve().name or folder}/)")
-        problem = fileio.file_problem(target) if os.path.lexists(target) else None
-        if problem:  # e.g. a FIFO beside the header, which would hang SimpleITK
-            raise InputError(f"{path}: header names the data file '{fileio.printable(name)}', which {problem}")
-
-
-_SITK_IO = {"nrrd": "NrrdImageIO", "mha": "MetaImageIO"}
-
-
-def _read_sitk(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[np.ndarray, ImageMeta]:
-    try:
-        import SimpleITK as sitk
-    except ImportError as exc:  # pragma: no cover - SimpleITK is in requirements.txt
-        raise InputError(f"{path}: reading {fmt.upper()} needs SimpleITK (pip install SimpleITK)") from exc
-    _check_data_files(path, fmt)
-    reader = sitk.ImageFileReader()
-    reader.SetFileName(str(path))
-    reader.SetImageIO(_SITK_IO[fmt])  # only this format's reader: no other ITK reader may claim the file
-    reader.ReadImageInformation()  # the header only
-    ndim, channels = reader.GetDimension(), reader.GetNumberOfComponents()
-    if ndim not in (2, 3):
-        raise InputError(f"{path}: {fmt.upper()} image has {ndim} dimensions (expected 2D or 3D)")
-    bits = re.findall(r"(\d+)-bit", sitk.GetPixelIDValueAsString(reader.GetPixelID()))
-    itemsize = int(bits[0]) // 8 if bits else 8
-    itemsize *= 2 if "complex" in sitk.GetPixelIDValueAsString(reader.GetPixelID()) else 1
-    fileio.check_array_size(path, tuple(reader.GetSize())[::-1] + ((channels,) if channels > 1 else ()),
-                            max(itemsize, 4), f"{_FORMAT_NAMES[fmt]} header", dtype_name="float32" if itemsize <= 4
-                            else None)
-    spacing = tuple(float(v) for v in reader.GetSpacing())
-    if not all(math.isfinite(v) and v > 0 for v in spacing):
-        raise InputError(f"{path}: {_FORMAT_NAMES[fmt]} header has an invalid voxel spacing "
-                         f"({', '.join(f'{v:g}' for v in spacing[::-1])}) mm (expected finite positive values)")
-    img = reader.Execute()
-    arr = sitk.GetArrayFromImage(img)  # already (Z, Y, X[, C])
-    if channels == 1 and arr.ndim == ndim + 1:
-        arr = arr[..., 0]
-    spacing = img.GetSpacing()[::-1]
-    if ndim == 3:
-        lps = np.eye(4)
-        lps[:3, :3] = np.asarray(img.GetDirection()).reshape(3, 3) * np.asarray(img.GetSpacing())
-        lps[:3, 3] = img.GetOrigin()
-        meta = _meta(path, fmt, spacing, _LPS_RAS @ lps, 3, channels=channels)
-    else:
-        meta = _meta(path, fmt, spacing, None, 2, channels=channels)
-        meta.origin = tuple(img.GetOrigin()[::-1])
-        meta.direction = tuple(map(tuple, np.asarray(img.GetDirection()).reshape(2, 2)[::-1, ::-1].tolist()))
-    return arr, meta
+    return data, make_meta(path, fmt, zooms, np.asarray(img.affine, dtype=float), ndim, extra=extra)
 
 
 def _read_raster(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[np.ndarray, ImageMeta]:
@@ -422,7 +281,7 @@ def _read_raster(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[
     try:
         with Image.open(path) as im:  # lazy: only the header is parsed here
             w, h = im.size
-            fileio.check_array_size(path, (h, w, len(im.getbands())), 4, f"{_FORMAT_NAMES[fmt]} header",
+            fileio.check_array_size(path, (h, w, len(im.getbands())), 4, f"{FORMAT_NAMES[fmt]} header",
                                     dtype_name="float32")
             frames = getattr(im, "n_frames", 1)
             if frames > 1 and fmt != "tiff":
@@ -447,7 +306,7 @@ def _read_raster(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[
     if arr.ndim - rgb not in (2, 3):
         raise InputError(f"{path}: image array has shape {arr.shape} (expected 2D, RGB or a 3D stack)")
     ndim = arr.ndim - rgb
-    return arr, _meta(path, fmt, (1.0,) * ndim, None, ndim, spacing_known=False,
+    return arr, make_meta(path, fmt, (1.0,) * ndim, None, ndim, spacing_known=False,
                       channels=arr.shape[-1] if rgb else 1)
 
 
@@ -462,293 +321,16 @@ def _pil_to_array(im, mask: bool) -> np.ndarray:
     return np.asarray(im.convert("RGBA" if mode == "P" else "RGB"))[..., :3]
 
 
-# ----- DICOM
-_NOT_DICOM = "not a DICOM file (no DICM preamble and no DICOM header could be parsed); expected a DICOM image slice"
-# Elements every image slice carries; a "dataset" without any of them, and without a preamble, is pydicom's
-# force=True reading of some other file (text, a PNG renamed .dcm, ...)
-_DICOM_CORE = ("SOPClassUID", "SOPInstanceUID", "Modality", "StudyInstanceUID", "SeriesInstanceUID", "Rows",
-               "Columns", "PixelData")
-
-
-def _dcmread(src, name: str):
-    import pydicom
-
-    try:
-        ds = pydicom.dcmread(src, force=True)
-    except Exception as exc:
-        if isinstance(src, io.BytesIO):
-            src.seek(0)
-        head = src.read(132) if isinstance(src, io.BytesIO) else fileio.read_head(src, 132)
-        if head[128:132] != b"DICM":
-            raise InputError(f"{name}: {_NOT_DICOM}") from exc
-        raise InputError(f"{name}: cannot read DICOM file ({type(exc).__name__}: {oneline(exc, 200)}; "
-                         f"expected an intact DICOM file)") from exc
-    meta = getattr(ds, "file_meta", None)
-    if str((meta or {}).get("MediaStorageSOPClassUID", "")) == _DICOMDIR_UID or "DirectoryRecordSequence" in ds:
-        raise InputError(f"{name}: is a DICOMDIR index, not an image: pass the series folder instead "
-                         f"(expected a DICOM image file, a series folder or a .zip)")
-    if getattr(ds, "preamble", None) is None and not meta and not any(k in ds for k in _DICOM_CORE):
-        raise InputError(f"{name}: {_NOT_DICOM}")
-    if "PixelData" not in ds:
-        raise InputError(f"{name}: DICOM file has no pixel data (expected an image slice)")
-    return ds
-
-
-def _dicom_text(ds, keyword: str) -> str:
-    """An element's value as stored (``0\\0``, ``abc``), for messages; works for values pydicom cannot parse."""
-    try:
-        elem = ds.get_item(keyword)
-        value = elem.value
-    except Exception:  # noqa: BLE001
-        return "?"
-    if isinstance(value, bytes):
-        return fileio.printable(value.decode("latin-1").strip(" \0"))[:80]
-    if not isinstance(value, str) and hasattr(value, "__iter__"):  # MultiValue, list
-        return fileio.printable("\\".join(str(v) for v in value))[:80]
-    return fileio.printable(str(value))[:80]
-
-
-def _pixel_spacing(ds, name: str) -> tuple[tuple[float, float], bool]:
-    """``((dy, dx), known)`` from PixelSpacing; absent or empty -> ``((1, 1), False)``; zero, negative, NaN,
-    infinite, a wrong count or unparsable text -> InputError (a wrong spacing silently corrupts volumes)."""
-    if "PixelSpacing" not in ds:
-        return (1.0, 1.0), False
-    try:
-        raw = ds.PixelSpacing  # a MultiValue of DS, one DS, or None / "" when stored empty
-        items = [] if raw is None or raw == "" else [raw] if isinstance(raw, (str, bytes, int, float)) else list(raw)
-        if not items:
-            return (1.0, 1.0), False
-        values = [float(v) for v in items]
-    except Exception:  # noqa: BLE001 - pydicom raises various errors for malformed DS text
-        values = []
-    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise InputError(f"{name}: DICOM PixelSpacing is '{_dicom_text(ds, 'PixelSpacing')}' (expected two finite "
-                         f"positive numbers in mm, e.g. 0.7\\0.7)")
-    return (values[0], values[1]), True
-
-
-def _slice_spacing(ds, name: str) -> float:
-    """SpacingBetweenSlices, else SliceThickness, else 1 mm: the slice step when positions cannot give it."""
-    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
-        if keyword not in ds:
-            continue
-        try:
-            raw = ds.get(keyword)
-            value = float(raw) if raw not in (None, "") else 0.0
-        except Exception:  # noqa: BLE001
-            value = math.nan
-        if not math.isfinite(value):
-            raise InputError(f"{name}: DICOM {keyword} is '{_dicom_text(ds, keyword)}' (expected a finite number "
-                             f"in mm)")
-        if value:
-            return abs(value)  # some scanners store a negative SpacingBetweenSlices; only the step matters here
-    return 1.0
-
-
-def _check_dicom_size(name: str, ds, n_slices: int = 1) -> None:
-    """Refuse empty images and ones whose header claims more pixels than fit in memory, before decoding."""
-    try:
-        rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-        frames = int(ds.get("NumberOfFrames", 1) or 1)
-        spp = int(ds.get("SamplesPerPixel", 1) or 1)
-    except Exception as exc:  # noqa: BLE001
-        raise InputError(f"{name}: DICOM Rows / Columns / NumberOfFrames are not integers ({oneline(exc, 200)}; "
-                         f"expected an image header)") from None
-    if rows <= 0 or cols <= 0 or frames <= 0 or spp <= 0:
-        raise InputError(f"{name}: DICOM header has Rows x Columns = {rows} x {cols}, {frames} frame(s), {spp} "
-                         f"sample(s) per pixel (expected a non-empty image)")
-    fileio.check_array_size(name, (n_slices * frames, rows, cols) + ((spp,) if spp > 1 else ()), 4,
-                            "DICOM header", dtype_name="float32")
-
-
-def _match_folder(folder: str, series: str) -> bool:
-    s = series.strip("/")
-    return folder == s or folder.endswith("/" + s) or folder.rsplit("/", 1)[-1] == s
-
-
-def _dicom_items(path: Path, series: str | None) -> tuple[list[tuple[str, Any]], bool]:
-    """Datasets (name, dataset) of the chosen folder of a DICOM folder or zip; and whether ``series``
-    was used to choose that folder."""
-    if path.is_dir():
-        base = path.resolve()
-        groups: dict[str, list] = defaultdict(list)
-        for f in sorted(path.rglob("*")):
-            if not f.is_file() or f.name.upper() == "DICOMDIR":  # FIFOs, sockets, devices: never opened
-                continue
-            if base not in f.resolve().parents:  # only files inside the folder the user gave are read
-                raise InputError(f"{path}: holds '{f.relative_to(path).as_posix()}', a symlink that leads "
-                                 f"outside the folder (expected the DICOM files themselves inside it)")
-            if f.suffix.lower() == ".dcm" or is_dicom_file(f):
-                groups[f.parent.relative_to(path).as_posix()].append(f)
-        folder, used = _pick_folder(path, groups, series)
-        return [(str(f), _dcmread(f, str(f))) for f in groups[folder]], used
-    with fileio.open_zip(path) as zf:  # central-directory limits checked before anything is inflated
-        groups = defaultdict(list)
-        for info in zf.infolist():
-            name = info.filename
-            if info.is_dir() or name.startswith("__MACOSX/") or name.rsplit("/", 1)[-1].upper() == "DICOMDIR":
-                continue
-            if name.lower().endswith(".dcm") or fileio.read_zip_head(zf, info, 132)[128:132] == b"DICM":
-                groups[name.rsplit("/", 1)[0] if "/" in name else "."].append(info)
-        folder, used = _pick_folder(path, groups, series)
-        return [(f"{path}:{i.filename}", _dcmread(io.BytesIO(fileio.read_zip_member(zf, i)), f"{path}:{i.filename}"))
-                for i in groups[folder]], used
-
-
-def _pick_folder(path: Path, groups: dict[str, list], series: str | None) -> tuple[str, bool]:
-    if not groups:
-        raise InputError(f"{path}: no DICOM files found (expected DICOM slices with a 'DICM' preamble or .dcm)")
-    if series is not None:
-        hits = [g for g in groups if _match_folder(g, series)]
-        if len(hits) == 1:
-            return hits[0], True
-    if len(groups) == 1:
-        return next(iter(groups)), False
-    folders, choices = _series_choices(groups)
-    if series is None:
-        raise InputError(f"{path}: holds {len(groups)} DICOM series (folders {folders}): choose one with "
-                         f"{choices} (series= in Python; expected a single series)")
-    raise InputError(f"{path}: series '{series}' matches {'several' if hits else 'no'} folders "
-                     f"(folders {folders}; choose one with {choices})")
-
-
-def _series_choices(groups: dict[str, list], shown: int = 8) -> tuple[str, str]:
-    """(``"a/, b/"``, ``"--series a or --series b"``) for a message: each folder by its last component where
-    that is unique, else by its full path; long lists are cut."""
-    names = sorted(groups)
-    last = [n.rsplit("/", 1)[-1] for n in names]
-    short = [b if last.count(b) == 1 else n for n, b in zip(names, last)]
-    more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
-    folders = ", ".join(f"{n}/" for n in names[:shown]) + more
-    choices = " or ".join(f"--series {shlex.quote(c)}" for c in short[:shown]) + (" or ..." if more else "")
-    return folders, choices
-
-
-def _pick_series(path: Path, items: list, series: str | None, used: bool) -> list:
-    by_uid: dict[str, list] = defaultdict(list)
-    for item in items:
-        by_uid[str(item[1].get("SeriesInstanceUID", ""))].append(item)
-    if series is not None:
-        for uid, group in by_uid.items():
-            if series in (uid, str(group[0][1].get("SeriesDescription", ""))):
-                return group
-        if not used:
-            raise InputError(f"{path}: no DICOM series or folder matches series='{series}' "
-                             f"(available series UIDs: {', '.join(by_uid)})")
-    uid, group = max(by_uid.items(), key=lambda kv: len(kv[1]))
-    if len(by_uid) > 1:
-        log.info("%s: %d DICOM series, using the largest %s (%d slices); others: %s", path, len(by_uid),
-                 uid, len(group), ", ".join(f"{u} ({len(g)})" for u, g in by_uid.items() if u != uid))
-    return group
-
-
-def _dicom_affine(ds, dz: float, spacing: tuple[float, float] | None = None) -> np.ndarray:
-    iop = np.asarray(ds.get("ImageOrientationPatient") or [1, 0, 0, 0, 1, 0], dtype=float)
-    dy, dx = spacing if spacing is not None else (float(v) for v in (ds.get("PixelSpacing") or [1.0, 1.0]))
-    row, col = iop[:3], iop[3:]
-    lps = np.eye(4)
-    lps[:3, 0], lps[:3, 1], lps[:3, 2] = row * dx, col * dy, np.cross(row, col) * dz
-    lps[:3, 3] = np.asarray(ds.get("ImagePositionPatient") or [0, 0, 0], dtype=float)
-    return _LPS_RAS @ lps
-
-
-def _pixels(name: str, ds, mask: bool) -> np.ndarray:
-    """Pixels of one dataset: raw for masks, RescaleSlope/Intercept applied (float32) for images."""
-    try:
-        arr = ds.pixel_array
-    except Exception as exc:
-        raise InputError(f"{name}: cannot decode DICOM pixel data ({type(exc).__name__}: {oneline(exc, 200)})") from exc
-    if mask:
-        return arr
-    slope, inter = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-    return arr.astype(np.float32) * np.float32(slope) + np.float32(inter)
-
-
-def _dicom_extra(ds, **kw) -> dict[str, Any]:
-    extra = {key: str(ds.get(tag, "")) for key, tag in (
-        ("modality", "Modality"), ("series_uid", "SeriesInstanceUID"), ("series_description", "SeriesDescription"))}
-    extra.update(rescale_slope=float(ds.get("RescaleSlope", 1) or 1),
-                 rescale_intercept=float(ds.get("RescaleIntercept", 0) or 0), **kw)
-    return extra
-
-
 def _read_dicom(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[np.ndarray, ImageMeta]:
-    if path.is_file() and _suffix(path) != ".zip":
-        if series is not None:
-            raise InputError(f"{path}: series='{series}' given for a single DICOM file (expected a folder or zip)")
-        ds = _dcmread(path, str(path))
-        spacing, known = _pixel_spacing(ds, str(path))
-        _check_dicom_size(str(path), ds)
-        arr = _pixels(str(path), ds, mask)
-        spp = int(ds.get("SamplesPerPixel", 1))
-        if arr.ndim - (spp > 1) != 2:
-            raise InputError(f"{path}: DICOM file holds {arr.shape} pixels (expected one 2D frame; "
-                             f"multi-frame files are not supported)")
-        return arr, _meta(path, fmt, spacing, _dicom_affine(ds, 1.0, spacing), 2, store_affine=False,
-                          spacing_known=known, channels=spp, extra=_dicom_extra(ds))
+    import dicom_io  # pydicom is imported only for DICOM inputs
 
-    items, used = _dicom_items(path, series)
-    return _stack_series(path, fmt, _pick_series(path, items, series, used), mask)
+    return dicom_io.read_dicom(path, fmt, series, mask)
 
 
-@_one_line_errors
-def dicom_series_datasets(path: str | os.PathLike, series: str | None = None) -> list:
-    """The chosen series' full pydicom datasets (pixel data included) of a DICOM folder or zip, in exactly
-    the slice order :func:`read_image` / :func:`read_mask` stack them into ``(Z, Y, X)``; ``series`` as there."""
-    p = Path(path)
-    if detect_format(p) != "dicom" or (p.is_file() and _suffix(p) != ".zip"):
-        raise InputError(f"{p}: expected a DICOM series folder or .zip (got a single {detect_format(p)} file)")
-    try:
-        items, used = _dicom_items(p, series)
-        items, _, _ = _sort_series(p, _pick_series(p, items, series, used))
-    except (InputError, MemoryError):
-        raise
-    except Exception as exc:
-        raise InputError(f"{p}: cannot read DICOM series ({type(exc).__name__}: {oneline(exc, 200)})") from exc
-    return [ds for _, ds in items]
+def _read_sitk(path: Path, fmt: str, series: str | None, mask: bool) -> tuple[np.ndarray, ImageMeta]:
+    import sitk_io  # SimpleITK is imported only for NRRD / MetaImage inputs
 
-
-def _sort_series(path: Path, items: list) -> tuple[list, np.ndarray, bool]:
-    """Sort slices along the slice normal (or by InstanceNumber): (sorted items, gaps between neighbours,
-    whether positions were used). Raises InputError for mixed slice sizes or shared positions."""
-    sizes = {(int(ds.Rows), int(ds.Columns)) for _, ds in items}
-    if len(sizes) > 1:
-        raise InputError(f"{path}: DICOM slices have different sizes {sorted(sizes)} (expected one Rows x Columns)")
-    positional = all("ImagePositionPatient" in ds and "ImageOrientationPatient" in ds for _, ds in items)
-    if positional:
-        iop = np.asarray(items[0][1].ImageOrientationPatient, dtype=float)
-        normal = np.cross(iop[:3], iop[3:])
-        keys = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, dtype=float))) for _, ds in items]
-    else:
-        log.warning("%s: slices lack position/orientation, sorting by InstanceNumber", path)
-        keys = [float(ds.get("InstanceNumber", 0) or 0) for _, ds in items]
-    order = np.argsort(keys, kind="stable")
-    items, gaps = [items[i] for i in order], np.diff(np.asarray(keys)[order])
-    first = items[0][1]
-    if np.any(np.abs(gaps) < 1e-4):
-        raise InputError(f"{path}: {int(np.sum(np.abs(gaps) < 1e-4)) + 1} DICOM slices share a position "
-                         f"(expected one slice per position in series {first.get('SeriesInstanceUID', '?')})")
-    return items, gaps, positional
-
-
-def _stack_series(path: Path, fmt: str, items: list, mask: bool) -> tuple[np.ndarray, ImageMeta]:
-    """Sort slices (:func:`_sort_series`) and stack them into (Z, Y, X)."""
-    items, gaps, positional = _sort_series(path, items)
-    first = items[0][1]
-    if positional and len(gaps):
-        dz = float(np.median(gaps))
-        if np.ptp(gaps) > 0.01 * dz:
-            log.warning("%s: uneven slice gaps %.3f..%.3f mm, using the median %.3f", path, gaps.min(), gaps.max(), dz)
-    else:
-        dz = _slice_spacing(first, items[0][0])
-    (dy, dx), known = _pixel_spacing(first, items[0][0])
-    channels = int(first.get("SamplesPerPixel", 1))
-    _check_dicom_size(str(path), first, len(items))  # all slices share Rows x Columns (_sort_series)
-    arr = np.stack([_pixels(name, ds, mask) for name, ds in items])
-    if arr.ndim != 3 + (channels > 1):
-        raise InputError(f"{path}: DICOM slices hold {arr.shape[1:]} pixels each (expected single-frame 2D slices)")
-    return arr, _meta(path, fmt, (dz, dy, dx), _dicom_affine(first, dz, (dy, dx)), 3, spacing_known=known,
-                      channels=channels, extra=_dicom_extra(first, n_slices=len(items)))
+    return sitk_io.read_sitk(path, fmt, series, mask)
 
 
 _READERS: dict[str, Callable[..., tuple[np.ndarray, ImageMeta]]] = {
@@ -764,7 +346,7 @@ def _read(path: str | os.PathLike, series: str | None, mask: bool) -> tuple[np.n
         raise InputError(f"{p}: series='{series}' only applies to DICOM folders/zips (this is {fmt})")
     what = "mask" if mask else "image"
     if p.is_file() and p.stat().st_size == 0:
-        raise InputError(f"{p}: file is empty (0 bytes; expected a {_FORMAT_NAMES[fmt]} {what})")
+        raise InputError(f"{p}: file is empty (0 bytes; expected a {FORMAT_NAMES[fmt]} {what})")
     try:
         arr, meta = _READERS[fmt](p, fmt, series, mask)
         arr = np.asarray(arr)
@@ -774,7 +356,7 @@ def _read(path: str | os.PathLike, series: str | None, mask: bool) -> tuple[np.n
         raise
     except Exception as exc:
         raise InputError(f"{p}: cannot read {fmt} {what} ({type(exc).__name__}: {oneline(exc, 200)}; expected a "
-                         f"valid {_FORMAT_NAMES[fmt]} file)") from exc
+                         f"valid {FORMAT_NAMES[fmt]} file)") from exc
     meta.channels = int(arr.shape[-1]) if arr.ndim == len(meta.spacing) + 1 else 1
     meta.shape = tuple(int(s) for s in arr.shape[:len(meta.spacing)])
     if arr.size == 0:
@@ -826,7 +408,7 @@ def _to_labels(arr: np.ndarray, name: str, lossy: bool = False, binarize: bool =
 
 
 # -------------------------------------------------------------------------------------------- public read
-@_one_line_errors
+@one_line_errors
 def read_image(path: str | os.PathLike, *, series: str | None = None) -> tuple[np.ndarray, ImageMeta]:
     """Read an image as float32 ``(Z, Y, X)``, ``(H, W)`` or ``(H, W, 3)`` with its :class:`ImageMeta`.
 
@@ -841,7 +423,7 @@ def read_image(path: str | os.PathLike, *, series: str | None = None) -> tuple[n
     return arr, meta
 
 
-@_one_line_errors
+@one_line_errors
 def read_meta(path: str | os.PathLike) -> ImageMeta:
     """The :class:`ImageMeta` of an image without its pixels where the format allows (NIfTI: the header only),
     e.g. to plan a 3D network from every case's shape and spacing before loading any of them."""
@@ -858,7 +440,7 @@ def read_meta(path: str | os.PathLike) -> ImageMeta:
         raise InputError(f"{p}: cannot read the NIfTI header ({type(exc).__name__}: {oneline(exc, 200)}; expected a valid "
                          "NIfTI file)") from None
     ndim = min(len(shape), 3)
-    meta = _meta(p, "nifti", zooms[:ndim][::-1], affine, ndim)
+    meta = make_meta(p, "nifti", zooms[:ndim][::-1], affine, ndim)
     meta.shape = tuple(int(n) for n in shape[:ndim][::-1])
     meta.channels = int(shape[3]) if len(shape) == 4 else 1
     return meta
@@ -888,7 +470,7 @@ def read_channels(paths: list[str | os.PathLike | None], case: str = "case") -> 
     return np.stack(arrays, axis=-1), first
 
 
-@_one_line_errors
+@one_line_errors
 def read_mask(path: str | os.PathLike, *, series: str | None = None,
               reference: ImageMeta | None = None) -> tuple[np.ndarray, ImageMeta]:
     """Read a label mask as uint8 of the image's spatial shape; check it against ``reference`` if given."""
@@ -959,9 +541,9 @@ def output_suffix(meta: ImageMeta) -> str:
 def _check_out(array: np.ndarray, meta: ImageMeta, out_path: str | os.PathLike, what: str) -> Path:
     out = Path(out_path)
     want = output_suffix(meta)
-    if _suffix(out) not in ((".nii.gz", ".nii") if want == ".nii.gz" else (".png",)):
+    if file_suffix(out) not in ((".nii.gz", ".nii") if want == ".nii.gz" else (".png",)):
         raise InputError(f"{out}: {what} for {meta.format} input {meta.path} must be written as {want} "
-                         f"(got '{_suffix(out) or out.name}')")
+                         f"(got '{file_suffix(out) or out.name}')")
     if out.resolve() == Path(meta.path).resolve():
         raise InputError(f"{out}: refusing to overwrite the input file {meta.path}")
     if out.is_dir():
@@ -989,7 +571,7 @@ def _write_nifti(data: np.ndarray, meta: ImageMeta, out: Path) -> Path:
         img = nib.Nifti1Image(np.ascontiguousarray(data.T), hdr.get_best_affine(), header=hdr)
     else:  # the stored codes would not reproduce the affine: write the affine itself
         img = nib.Nifti1Image(np.ascontiguousarray(data.T), affine)
-    suffix = ".nii.gz" if _suffix(out) == ".nii.gz" else ".nii"
+    suffix = ".nii.gz" if file_suffix(out) == ".nii.gz" else ".nii"
     return atomic_write(out, suffix, lambda tmp: nib.save(img, tmp))
 
 

@@ -566,7 +566,6 @@ def test_atomic_writers(tmp_path):
         fileio.atomic_write(tmp_path / "t.txt", ".tmp", lambda tmp: 1 / 0)
     assert (tmp_path / "t.txt").read_text(encoding="utf-8") == "中文"  # the old content survives a failed write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["b.bin", "sub", "t.txt"]  # no temp files left
-    assert medio.atomic_write is fileio.atomic_write and medio.json_safe is fileio.json_safe  # re-exports
 
 
 # -------------------------------------------------------------------------------- what must still work
