@@ -34,6 +34,9 @@ class Augmenter:
                    slices, where interpolating across slices would invent structure), as nnU-Net does
     gamma:         range of a per-item gamma (intensities mapped to [0, 1], raised to gamma, mapped back, mean
                    and spread kept), applied with probability ``p_gamma``; None = off (the default, 2D and 3D)
+    photometric:   colour photographs (3 channels in [0, 1]): the strength of per-item brightness, contrast,
+                   saturation and hue jitter (hue by a fifth of it), blur and sensor noise, so a model meets the
+                   lighting, white balance, focus and compression of other cameras; 0 = off (the default)
     """
 
     seed: int = 0
@@ -46,6 +49,7 @@ class Augmenter:
     in_plane_only: bool = False
     gamma: tuple[float, float] | None = None
     p_gamma: float = 0.3
+    photometric: float = 0.0
 
     def __post_init__(self) -> None:
         self.gen = torch.Generator().manual_seed(self.seed)
@@ -78,6 +82,8 @@ class Augmenter:
             x = (x - mean) * contrast + mean + shift
         if self.gamma is not None:
             x = self._gamma(x)
+        if self.photometric and x.ndim == 4 and x.shape[1] == 3:
+            x = self._photometric(x)
         return x.contiguous(), y.contiguous()
 
     def _spatial_2d(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,6 +158,57 @@ class Augmenter:
         # gamma reshapes the histogram; keeping mean and spread leaves level and contrast to the jitter above
         gx = (gx - gx.mean(dim=dims, keepdim=True)) / gx.std(dim=dims, keepdim=True).clamp_min(1e-7) * std + mean
         return torch.where(apply, gx, x)
+
+
+    def _photometric(self, x: torch.Tensor) -> torch.Tensor:
+        """Per item: brightness x(1 +- s), contrast x(1 +- s), saturation x(1 +- s), hue +- s/5 (a full turn = 1),
+        then with probability 0.3 each a Gaussian blur (sigma up to 1.5 px) and Gaussian noise (up to 0.03)."""
+        n, s = x.shape[0], self.photometric
+        b, c, sat = (self._u(n, 1 - s, 1 + s).view(n, 1, 1, 1) for _ in range(3))
+        hue = self._u(n, -s / 5, s / 5).view(n, 1, 1)
+        blur, sigma = torch.rand(n, generator=self.gen) < 0.3, self._u(n, 0.3, 1.5)
+        noisy, amp = torch.rand(n, generator=self.gen) < 0.3, self._u(n, 0.0, 0.03)
+        x = x.clamp(0, 1) * b
+        x = (x - x.mean(dim=(1, 2, 3), keepdim=True)) * c + x.mean(dim=(1, 2, 3), keepdim=True)
+        h, sv, v = _rgb_to_hsv(x.clamp(0, 1))
+        x = _hsv_to_rgb((h + hue) % 1.0, (sv * sat[:, 0]).clamp(0, 1), v)
+        for i in blur.nonzero()[:, 0].tolist():
+            x[i] = _gaussian_blur(x[i], float(sigma[i]))
+        if noisy.any():
+            noise = torch.randn(x.shape, generator=self.gen) * amp.view(n, 1, 1, 1)
+            x = x + noise * noisy.view(n, 1, 1, 1)
+        return x.clamp(0, 1)
+
+
+def _rgb_to_hsv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, 3, H, W) RGB in [0, 1] -> hue in [0, 1), saturation, value (each (N, H, W))."""
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    v, _ = x.max(dim=1)
+    mn, _ = x.min(dim=1)
+    d = v - mn
+    safe = torch.where(d > 0, d, torch.ones_like(d))
+    h = torch.where(v == r, ((g - b) / safe) % 6, torch.where(v == g, (b - r) / safe + 2, (r - g) / safe + 4))
+    h = torch.where(d > 0, h / 6, torch.zeros_like(h))
+    s = torch.where(v > 0, d / torch.where(v > 0, v, torch.ones_like(v)), torch.zeros_like(v))
+    return h, s, v
+
+
+def _hsv_to_rgb(h: torch.Tensor, s: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`_rgb_to_hsv`: (N, H, W) each -> (N, 3, H, W)."""
+    k = torch.stack([(5 + h * 6) % 6, (3 + h * 6) % 6, (1 + h * 6) % 6], dim=1)
+    return v[:, None] - v[:, None] * s[:, None] * torch.clamp(torch.minimum(k, 4 - k), 0, 1)
+
+
+def _gaussian_blur(img: torch.Tensor, sigma: float) -> torch.Tensor:
+    """(C, H, W) blurred with a separable Gaussian of ``sigma`` pixels (reflected edges)."""
+    r = max(1, int(3 * sigma + 0.5))
+    t = torch.arange(-r, r + 1, dtype=img.dtype)
+    k = torch.exp(-t * t / (2 * sigma * sigma))
+    k = k / k.sum()
+    c = img.shape[0]
+    x = F.pad(img[None], (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).repeat(c, 1, 1, 1), groups=c)
+    return F.conv2d(x, k.view(1, 1, -1, 1).repeat(c, 1, 1, 1), groups=c)[0]
 
 
 def _affine_3d(angles: torch.Tensor, zoom: torch.Tensor, size: tuple[int, int, int], in_plane_only: bool) -> torch.Tensor:

@@ -267,10 +267,29 @@ def resolve_dicom_labels(spec: DatasetSpec, labels: str | None) -> list[list[str
     return groups
 
 
+def read_case_image(ref: CaseRef) -> tuple[np.ndarray, medio.ImageMeta]:
+    """A case's image: its channel files stacked (channels last) when it has several, else its one file."""
+    if ref.channels and len(ref.channels) > 1:
+        return medio.read_channels(ref.channels, ref.case_id)
+    return medio.read_image(ref.image)
+
+
+def read_case_mask(ref: CaseRef, meta: medio.ImageMeta) -> np.ndarray:
+    """A case's stored label values on the image's grid (DICOM mask series: structure group k as value k)."""
+    if ref.mask is None:
+        raise InputError(f"{ref.image}: no matching mask found")
+    if not ref.mask_series:
+        return medio.read_mask(ref.mask, reference=meta)[0]
+    values = np.zeros(meta.shape, np.uint8)
+    for k, group in enumerate(ref.mask_series, start=1):
+        for structure in group:
+            values[medio.read_mask(ref.mask, series=structure, reference=meta)[0] > 0] = k
+    return values
+
+
 def load_case(ref: CaseRef, prep: Preprocessing) -> LoadedCase:
     """Read, check and preprocess one case. Raises InputError naming the file on any problem."""
-    image, meta = (medio.read_channels(ref.channels, ref.case_id) if ref.channels and len(ref.channels) > 1
-                   else medio.read_image(ref.image))
+    image, meta = read_case_image(ref)
     is_volume = len(meta.shape) == 3
     if ref.mask is None:
         raise InputError(f"{ref.image}: no matching mask found")

@@ -15,9 +15,10 @@ import torch
 
 import medio
 import visualize
+from datasets import read_case_image
 from fileio import atomic_write
 from inference import keep_largest, largest_component, predict_prepared, probs_to_labels
-from metrics import case_scores, per_case_scores, summarize
+from metrics import case_scores, class_mean, per_case_scores, summarize
 from model import UNet
 from preprocess import Preprocessing, class_mask, regions_to_labels, to_planes
 
@@ -84,7 +85,7 @@ def summarize_rows(rows: list[dict], prep: Preprocessing) -> dict:
         stats.update({k: int(sum(r[k] for r in rs)) for k in LESION_KEYS if k in keys})
         stats["n"] = len(rs)
         per_class[name] = stats
-    out = {k: float(np.nanmean([pc[k] for pc in per_class.values()])) for k in ("dice", "iou", "sensitivity", "precision")}
+    out = {k: class_mean(per_class, k) for k in ("dice", "iou", "sensitivity", "precision")}
     out["per_class"] = per_class
     return out
 
@@ -113,19 +114,13 @@ def plot_case_overlays(rows: list[dict], out_dir: Path, prep: Preprocessing) -> 
     for i, tag in zip(picks, ("最好", "中位", "最差")):
         c, pred = rows[i]["_case"], rows[i]["_pred"]
         z = int(np.argmax((c.labels > 0).reshape(len(c.labels), -1).sum(1)))
-        planes = c.planes if c.planes is not None else to_planes(_case_image(c)[0], 3, prep)  # 3D keeps no planes
+        planes = c.planes if c.planes is not None else to_planes(read_case_image(c.ref)[0], 3, prep)  # 3D keeps no planes
         imgs.append(display_plane(planes[z]))
         truths.append(_display_labels(c.labels[z], prep))
         preds.append(_display_labels(pred[z], prep))
         scores.append(rows[i]["dice"])
         titles.append(f"{tag} {c.ref.case_id}" + (f" z={z}" if c.is_volume else ""))
     visualize.plot_predictions(imgs, truths, preds, out_dir, scores=scores, titles=titles)
-
-
-def _case_image(c) -> tuple[np.ndarray, medio.ImageMeta]:
-    ref = c.ref
-    return medio.read_channels(ref.channels, ref.case_id) if ref.channels and len(ref.channels) > 1 \
-        else medio.read_image(ref.image)
 
 
 def _display_labels(labels: np.ndarray, prep: Preprocessing) -> np.ndarray:
@@ -143,7 +138,7 @@ def dataset_report(cases: list, prep: Preprocessing) -> dict:
     """Per-case geometry, intensity range and structure sizes (voxels, mL) for ``--check``."""
     report = {"cases": [], "preprocessing": prep.to_dict()}
     for c in cases:
-        image, _ = _case_image(c)
+        image, _ = read_case_image(c.ref)
         vox_ml = medio.voxel_volume_ml(c.meta) if c.is_volume else None
         entry = {"case": c.ref.case_id, "image": str(c.ref.image), "shape": list(c.meta.shape),
                  "spacing_mm": [round(float(s), 4) for s in c.meta.spacing], "format": c.meta.format,

@@ -13,7 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
@@ -22,6 +22,7 @@ import torch
 
 import data_gen
 import datasets
+import planning
 import medio
 import visualize
 from augment import Augmenter
@@ -39,6 +40,8 @@ from train import ArrayDataset, DistInfo, FitResult, TrainConfig, evaluate, fit,
 
 log = logging.getLogger("run")
 
+#: mean validation Dice mirroring must add to be kept (it multiplies inference time by 4 in 2D, 8 in 3D)
+TTA_MIN_GAIN = 0.002
 #: options that may differ between a run and its --resume
 RESUME_FREE = {"epochs", "resume", "progress", "device", "num_workers", "threads", "checkpoint_every"}
 
@@ -289,8 +292,8 @@ def _triple(text: str | None, flag: str, kind: type) -> list | None:
     return values
 
 
-def load_dataset(cfg: TrainConfig) -> tuple[datasets.DatasetSpec, list, Preprocessing, list]:
-    """Layout, case references, preprocessing and every case loaded (the dataset check lists every problem)."""
+def find_cases(cfg: TrainConfig) -> tuple[datasets.DatasetSpec, list]:
+    """The dataset's layout and case references (``--max-cases`` applied; DICOM mask structures resolved)."""
     spec = datasets.discover(cfg.data, cfg.images_dir, cfg.masks_dir)
     refs = spec.cases[: cfg.max_cases] if cfg.max_cases else spec.cases
     if not refs:
@@ -299,48 +302,77 @@ def load_dataset(cfg: TrainConfig) -> tuple[datasets.DatasetSpec, list, Preproce
         groups = datasets.resolve_dicom_labels(spec, cfg.labels)
         for r in refs:
             r.mask_series = groups
+    return spec, refs
+
+
+def make_preprocessing(cfg: TrainConfig, spec: datasets.DatasetSpec, refs: list) -> Preprocessing:
+    """The :class:`Preprocessing` of a run: labels, normalisation and channels from the first case, 3D geometry."""
+    if spec.layout == "dicom+masks":
+        groups = refs[0].mask_series
         class_values = None if len(groups) == 1 else [[k] for k in range(1, len(groups) + 1)]
         class_names = ["+".join(g) for g in groups]
     else:
         class_values, class_names = parse_labels(cfg.labels, spec.label_names)
-    first = refs[0]
-    first_image, first_meta = (medio.read_channels(first.channels, first.case_id) if first.channels and
-                               len(first.channels) > 1 else medio.read_image(first.image))
+    first_image, first_meta = datasets.read_case_image(refs[0])
     prep = auto_preprocessing(cfg, first_meta, first_image, class_values, class_names, spec.channel_names)
     if cfg.dim == 3:
         prep.spacing, prep.patch, prep.pool = volume_geometry(cfg, refs)
     log.info("数据集 %s: %s 布局, %d 例; 预处理 %s", spec.root, spec.layout, len(refs), prep)
+    return prep
+
+
+def load_dataset(cfg: TrainConfig) -> tuple[datasets.DatasetSpec, list, Preprocessing, list]:
+    """Layout, case references, preprocessing and every case loaded (the dataset check lists every problem)."""
+    spec, refs = find_cases(cfg)
+    prep = make_preprocessing(cfg, spec, refs)
     return spec, refs, prep, datasets.load_cases(refs, prep, spec.label_names)
 
 
-def run_dataset(cfg: TrainConfig, check_only: bool = False) -> dict:
-    """Train and evaluate on a real dataset folder (``cfg.data``); per-case metrics at the original resolution."""
+def run_dataset(cfg: TrainConfig, check_only: bool = False, given: set[str] | None = None) -> dict:
+    """Train and evaluate on a real dataset folder (``cfg.data``); per-case metrics at the original resolution.
+
+    ``given``: the config fields the user set; every other one comes from the plan (``plan.py``: the dataset's
+    fingerprint, this machine's measured step time and ``cfg.time_budget``). None: ``cfg`` is used as it is.
+    """
     cfg.validate()
     t_run = time.perf_counter()
     set_seed(cfg.seed)
     out_dir = check_outputs(cfg)
-    spec, refs, prep, cases = load_dataset(cfg)
+    spec, refs = find_cases(cfg)
+    plan, fp = (None, None) if given is None else planning.plan_run(cfg, given, spec, refs, out_dir)
+    if plan is not None:
+        cfg = replace(cfg, **{k: v for k, v in plan.values.items() if k in asdict(cfg)})
+    prep = make_preprocessing(cfg, spec, refs)
     if check_only:
-        report = dataset_report(cases, prep)
+        report = dataset_report(datasets.load_cases(refs, prep, spec.label_names), prep)
+        report.update(plan=asdict(plan) if plan else None)
         write_json_atomic(out_dir / "dataset_report.json", report)
         return report
     device, precision, dist_info = setup_run(cfg)
     split = datasets.split_cases(refs, cfg.val_fraction, cfg.test_fraction, cfg.seed)
+    if plan is not None:
+        cfg = planning.size_run(cfg, plan, given, prep, split, fp, device, precision)
     if dist_info.main:
         record_run(cfg, device, precision)
         write_json_atomic(out_dir / "split.json", split)
+    cases = datasets.load_cases(refs, prep, spec.label_names)
     by_id = {c.ref.case_id: c for c in cases}
     sets = {k: [by_id[i] for i in ids] for k, ids in split.items()}
     log.info("按病例划分 训练/验证/测试 = %d/%d/%d 例 (split.json)", *(len(sets[k]) for k in ("train", "val", "test")))
     if not sets["train"] or not sets["val"]:
-        raise InputError(f"{cfg.data}: too few cases ({len(refs)}) for a train/validation split")
+        raise InputError(f"{spec.root}: too few cases ({len(refs)}) for a train/validation split")
     result = train_on_cases(cfg, sets, prep, split, device, precision, dist_info)
     if not dist_info.main:
         return finish_ranks(dist_info, {})
-    summary = test_cases(cfg, sets, prep, device, precision, out_dir)
+    t_eval = time.perf_counter()
+    summary = test_cases(cfg, sets, prep, device, precision, out_dir, choose_tta=plan is not None and "tta" not in given)
+    cfg = replace(cfg, tta=prep.mirror_tta)
     summary.update(best_epoch=result.best_epoch, best_val_dice=result.best_val.get("dice"), epochs=cfg.epochs,
-                   **_timing(result, t_run), device=str(device), dtype=precision, data=str(cfg.data),
-                   layout=spec.layout, preprocessing=prep.to_dict(), checkpoint=str(cfg.checkpoint), config=asdict(cfg))
+                   **_timing(result, t_run), eval_seconds=round(time.perf_counter() - t_eval, 2), device=str(device),
+                   dtype=precision, data=str(cfg.data), layout=spec.layout, preprocessing=prep.to_dict(),
+                   checkpoint=str(cfg.checkpoint), config=asdict(cfg))
+    if plan is not None:
+        summary.update(planning.finish(plan, fp, result, cfg, out_dir))
     write_json_atomic(out_dir / "history.json", result.history)
     write_json_atomic(out_dir / "summary.json", summary)
     log.info("全部完成! 结果保存在 %s/, 模型 %s (%.1f s)", out_dir, cfg.checkpoint, summary["total_seconds"])
@@ -375,8 +407,8 @@ def train_on_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, split: dic
         visualize.plot_synthetic_samples(val_x[mid].numpy(), val_y[mid[:1] + mid[2:]].numpy() > 0,
                                          Path(cfg.output_dir), seed=cfg.seed)
     anisotropic = prep.dim == 3 and max(prep.spacing) > 3 * min(prep.spacing)
-    augment = Augmenter(seed=cfg.seed, elastic=cfg.elastic if prep.dim == 2 else 0.0,
-                        in_plane_only=anisotropic) if cfg.augment else None
+    augment = Augmenter(seed=cfg.seed, elastic=cfg.elastic if prep.dim == 2 else 0.0, in_plane_only=anisotropic,
+                        photometric=cfg.photometric) if cfg.augment else None
     loss_fn = partial(segmentation_loss, regions=prep.regions)
 
     def validate(m: UNet) -> dict:
@@ -397,12 +429,23 @@ def train_on_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, split: dic
 
 
 def test_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, device: torch.device, precision: str,
-               out_dir: Path) -> dict:
-    """Choose the post-processing on the validation cases, then score the test cases with it (per case, at the
-    original resolution); writes the per-case CSV, the overlays and the test metrics into the checkpoint."""
+               out_dir: Path, choose_tta: bool = False) -> dict:
+    """Choose the post-processing (and with ``choose_tta`` whether mirroring pays off) on the validation cases,
+    then score the test cases with it (per case, at the original resolution); writes the per-case CSV, the
+    overlays and the test metrics into the checkpoint."""
     best, _ = load_checkpoint(cfg.checkpoint, device)
-    post = choose_postprocessing(evaluate_cases(best, sets["val"], prep, device, precision, cfg, hd=False,
-                                                compare_largest=True), prep)
+    val_rows = evaluate_cases(best, sets["val"], prep, device, precision, cfg, hd=False, compare_largest=True)
+    tta = None
+    if choose_tta:
+        mirrored = evaluate_cases(best, sets["val"], prep, device, precision, cfg, hd=False, compare_largest=True,
+                                  mirror=True)
+        plain_dice, mirror_dice = (float(np.mean([r["dice"] for r in rows])) for rows in (val_rows, mirrored))
+        prep.mirror_tta = mirror_dice >= plain_dice + TTA_MIN_GAIN
+        tta = {"val_dice": plain_dice, "val_dice_mirrored": mirror_dice, "chosen": prep.mirror_tta}
+        val_rows = mirrored if prep.mirror_tta else val_rows
+        update_checkpoint(cfg.checkpoint, preprocessing=prep.to_dict())
+        log.info("镜像测试时增强 (验证集 Dice %.4f -> %.4f): %s", plain_dice, mirror_dice, "采用" if prep.mirror_tta else "不采用")
+    post = choose_postprocessing(val_rows, prep)
     log.info("后处理 (在验证集上选择): 只保留最大连通域的类别 %s", post["largest_component"] or "无")
     rows = evaluate_cases(best, sets["test"], prep, device, precision, cfg, hd=True, keep_pred=True,
                           largest=largest_classes(prep.class_names, post))
@@ -421,6 +464,6 @@ def test_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, device: torch.
                  pc["true_lesions"], pc["false_positive_lesions"])
     return {**{k: stats[k] for k in ("dice", "iou", "sensitivity", "precision")}, "per_class": stats["per_class"],
             "test_cases": len(sets["test"]), "threshold_baseline_dice": None, "postprocessing": post,
-            "hd95_unit": hd_unit,
+            "mirror_tta": tta, "hd95_unit": hd_unit,
             "counting": "per-case (per patient volume / per image) at the original resolution, after the "
                         "post-processing chosen on validation; see README"}

@@ -101,6 +101,13 @@ def per_class_scores(pred_labels, truth_labels, classes: list[int]) -> dict[int,
     return {c: per_case_scores(p == c, t == c) for c in classes}
 
 
+def class_mean(per_class: dict, key: str) -> float:
+    """Mean of ``key`` over the classes' summaries, skipping classes where it is undefined (NaN when all are)."""
+    vals = np.asarray([pc[key] for pc in per_class.values()], dtype=np.float64)
+    ok = vals[~np.isnan(vals)]
+    return float(ok.mean()) if ok.size else math.nan
+
+
 def summarize(scores: dict[str, np.ndarray]) -> dict[str, float]:
     """Mean, std and count of each score over cases, NaN (undefined) cases skipped."""
     out: dict[str, float] = {}

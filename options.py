@@ -111,4 +111,6 @@ TRAIN = {
     "lr_factor": Range(float, 0.0, 1.0, lo_open=True, hi_open=True),
     "lr_patience": Range(int, 0, 1000),
     "num_workers": Range(int, 0, 64),
+    "time_budget": Range(float, 0.0, 100_000.0),
+    "photometric": Range(float, 0.0, 0.5),
 }

@@ -12,6 +12,7 @@ Rules (nnU-Net's, scaled to a laptop CPU; see docs/plan.md):
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -55,3 +56,119 @@ def patch_3d(median_shape: list[int], spacing: list[float], budget: int = PATCH_
             break
     pools = pooling(patch, spacing)
     return fit_patch(patch, pools), pools
+
+
+# ------------------------------------------------------------------------------------------- the plan
+#: training pixels of one 2D patch a CPU handles comfortably (a 160 x 160 image, or a 128 x 128 crop of a bigger one)
+PATCH_PIXELS_2D = 160 * 160
+#: half-thickness (px) below which structures are thin: they keep the native resolution (vessels, fibres)
+THIN_PX = 4.0
+#: share of the budget for training steps; the rest is validation and the epochs' overhead
+STEP_SHARE = 0.85
+MIN_EPOCHS, MAX_EPOCHS = 8, 60
+
+
+@dataclass
+class Plan:
+    """A run's configuration, derived from the dataset's fingerprint, the machine and the time budget.
+
+    ``values`` are :class:`train.TrainConfig` fields; ``sources`` says for each whether the plan or the user set it,
+    and ``reasons`` the rule behind each planned value (docs/plan.md)."""
+
+    values: dict = field(default_factory=dict)
+    sources: dict = field(default_factory=dict)
+    reasons: dict = field(default_factory=dict)
+    step_seconds: float | None = None
+    budget_minutes: float = 0.0
+
+    def set(self, name: str, value, reason: str, user: dict) -> None:
+        if name in user:
+            self.values[name], self.sources[name] = user[name], "user"
+        else:
+            self.values[name], self.sources[name], self.reasons[name] = value, "plan", reason
+
+    def table(self) -> str:
+        """The plan as a short readable table (printed before training)."""
+        rows = [f"{'setting':18} {'value':28} from   why"]
+        for name, value in self.values.items():
+            text = value if not isinstance(value, list) else ",".join(map(str, value))
+            rows.append(f"{name:18} {str(text)[:28]:28} {self.sources[name]:6} {self.reasons.get(name, '')}")
+        if self.step_seconds:
+            rows.append(f"measured training step: {self.step_seconds * 1000:.0f} ms on this machine")
+        return "\n".join(rows)
+
+
+def plan_dataset(fp, user: dict, budget_minutes: float) -> Plan:
+    """Everything but the schedule length: dimension, labels, scale, patch, batch, width, rate, augmentation.
+    ``user``: the TrainConfig fields the user set (they win). Rules: docs/plan.md."""
+    import resample
+
+    plan = Plan(budget_minutes=budget_minutes)
+    values = fp.label_values
+    if fp.label_names:
+        labels = ",".join(f"{n}={v}" for n, v in sorted(fp.label_names.items(), key=lambda kv: kv[1]))
+        plan.set("labels", labels, "the classes dataset.json declares", user)
+    else:
+        plan.set("labels", ",".join(map(str, values)) if len(values) > 1 else None,
+                 f"the label values the masks hold ({values})", user)
+    spacings, shapes = [c.spacing for c in fp.cases], [c.shape for c in fp.cases]
+    aniso = fp.is_volume and max(fp.median("spacing")) > resample.ANISOTROPY_THRESHOLD * min(fp.median("spacing"))
+    plan.set("dim", 3 if fp.is_volume and not aniso else 2,
+             "volumes of comparable resolution on every axis: a 3D U-Net" if fp.is_volume and not aniso else
+             ("slices much thicker than the pixels: 2D planes" if fp.is_volume else "2D images"), user)
+    if plan.values["dim"] == 3:
+        target = list(resample.target_spacing(spacings, shapes))
+        median = [int(np.median([resample.new_shape(s, sp, target)[a] for s, sp in zip(shapes, spacings)]))
+                  for a in range(3)]
+        patch, _ = patch_3d(median, target)
+        plan.set("spacing", ",".join(f"{v:g}" for v in target), "the median spacing (nnU-Net's rule)", user)
+        plan.set("patch", ",".join(map(str, patch)), f"the median case ({'x'.join(map(str, median))}) within "
+                 f"{PATCH_VOXELS_3D} voxels", user)
+        plan.set("batch_size", 2, "3D patches: 2 per step", user)
+        plan.set("lr", 2e-3, "3D, batch 2", user)
+    else:
+        _plan_2d(plan, fp, user)
+        plan.set("lr", 1e-3, "2D, batch 8", user)
+    plan.set("base_channels", 32, "a CPU-sized U-Net (32 filters at full resolution)", user)
+    plan.set("lr_schedule", "poly", "a fixed budget ends at a small learning rate", user)
+    rgb = fp.is_photo and all(c.channels == 3 for c in fp.cases)
+    plan.set("photometric", 0.2 if rgb else 0.0, "colour photographs: brightness, contrast, hue, blur and noise "
+             "jitter" if rgb else "not colour photographs", user)
+    return plan
+
+
+def _plan_2d(plan: Plan, fp, user: dict) -> None:
+    """Scale and patch of a 2D run: the whole image when it fits the pixel budget once scaled down so that the
+    objects keep a few pixels of thickness; thin structures keep the native resolution and train on crops."""
+    h, w = fp.median("shape")[-2:]
+    long_side, budget_side = max(h, w), int(math.sqrt(PATCH_PIXELS_2D))
+    thick = fp.thickness()
+    if fp.is_photo and long_side > budget_side and thick * budget_side / long_side >= THIN_PX:
+        plan.set("resize", budget_side, f"objects {thick:.0f} px thick: the image scaled to {budget_side} px keeps "
+                 f"them >= {THIN_PX:g} px", user)
+        plan.set("image_size", budget_side, "the whole scaled image is one patch", user)
+    else:
+        patch = min(128, max(64, int(math.ceil(long_side / 16) * 16)))
+        plan.set("resize", None, "thin structures: native resolution" if thick < THIN_PX * 2 else
+                 "small planes: native resolution", user)
+        plan.set("image_size", patch, f"planes of {h:.0f}x{w:.0f} px: {patch} px crops", user)
+    plan.set("batch_size", 8, "2D: 8 patches per step", user)
+
+
+def size_schedule(plan: Plan, step_seconds: float, n_items: int, user: dict) -> None:
+    """Epochs and patches per epoch that fit the budget at the measured step time (at least one pass over the
+    training items per epoch, between MIN_EPOCHS and MAX_EPOCHS epochs)."""
+    plan.step_seconds = step_seconds
+    batch = plan.values["batch_size"]
+    steps = max(1, int(plan.budget_minutes * 60 * STEP_SHARE / step_seconds))
+    per_epoch = max(n_items, 64 if plan.values["dim"] == 3 else 256)
+    epochs = steps * batch // per_epoch
+    if "epochs" in user:  # the user's epochs, each sized so that all of them fit the budget
+        per_epoch, epochs = max(batch, steps * batch // user["epochs"]), user["epochs"]
+    elif epochs > MAX_EPOCHS:
+        per_epoch, epochs = steps * batch // MAX_EPOCHS, MAX_EPOCHS
+    elif epochs < MIN_EPOCHS:
+        per_epoch, epochs = max(batch, steps * batch // MIN_EPOCHS), MIN_EPOCHS
+    plan.set("samples_per_epoch", per_epoch, f"{steps} steps of {step_seconds:.2f} s fit {plan.budget_minutes:g} "
+             f"min x {STEP_SHARE:.0%}", user)
+    plan.set("epochs", epochs, f"{per_epoch} patches per epoch", user)

@@ -9,12 +9,15 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import fields
+from pathlib import Path
 
 import torch
 
 import data_gen
 from errors import MedSegError
 from experiments import run_dataset, run_synthetic
+from planning import load_plan
 from options import TRAIN, Parser, add_number
 from preprocess import NORMALIZATIONS, WINDOW_PRESETS
 from runtime import DEVICES, PRECISIONS
@@ -35,13 +38,15 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _task_default(name: str) -> str:
-    return f"{TASK_DEFAULTS['seed'][name]:g} for the seed preset, {TASK_DEFAULTS['other'][name]:g} for realistic and --data"
+    return (f"{TASK_DEFAULTS['seed'][name]:g} for the seed preset, {TASK_DEFAULTS['other'][name]:g} for realistic; "
+            "with --data the plan's")
 
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = Parser(description="Train a U-Net on synthetic organ + lesion images (医学影像分割).",
-               formatter_class=_HelpFormatter)
+    p = Parser(description="Train a U-Net on synthetic organ + lesion images (医学影像分割), or on your own data "
+                           "(--data), configured from the data, this machine and --time-budget.",
+               formatter_class=_HelpFormatter, allow_abbrev=False)  # exact flags: given_fields reads argv
 
     def num(group, flag: str, help: str, default=None, **kw) -> None:
         name = flag[2:].replace("-", "_")
@@ -96,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     num(r, "--val-fraction", "share of cases for validation")
     num(r, "--test-fraction", "share of cases held out for testing")
     num(r, "--max-cases", "use only the first N cases (0 = all)")
+    add_number(r, "--time-budget", TRAIN["time_budget"], None, "minutes of training (validation included) the plan "
+               "sizes the run to; the training phase ends within it + 10 %% even if other load appears; test-time "
+               "evaluation is extra. With --epochs, those epochs are sized to fit it; 0 = no limit (default: "
+               f"{DEFAULT_BUDGET:g} with --data)", metavar="MINUTES")
+    r.add_argument("--plan", default=None, metavar="PLAN_JSON", help="replay the plan.json of an earlier run (its "
+                   "values and schedule changes; with the same --threads the metrics repeat exactly)")
     v = p.add_argument_group("volumes")
     v.add_argument("--dim", type=int, choices=(2, 3), default=d.dim, help="2: train on planes (a volume slice by slice); "
                    "3: a 3D U-Net on whole volumes, resampled to a common spacing")
@@ -107,17 +118,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: minutes a --data run trains for unless --time-budget says otherwise: what a laptop user accepts
+DEFAULT_BUDGET = 20.0
+#: on/off flags whose field is not their name
+_NEGATIONS = {"--no-bilinear": "bilinear", "--no-channels-last": "channels_last", "--no-progress": "progress",
+              "--no-augment": "augment"}
+
+
+def given_fields(argv: list[str]) -> set[str]:
+    """The TrainConfig fields the command line sets (the plan fills every other one). Exact because the parser
+    refuses abbreviated flags."""
+    flags = [tok.split("=", 1)[0] for tok in argv if tok.startswith("--")]
+    return {_NEGATIONS.get(f, f[2:].replace("-", "_")) for f in flags}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
         args = vars(build_parser().parse_args(argv))
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed on one line
         return exc.code if isinstance(exc.code, int) else 2
-    check = args.pop("check")
-    cfg = TrainConfig(**args)
+    check, plan_file = args.pop("check"), args.pop("plan")
+    given = given_fields(argv) - {"check", "plan"}
+    real = bool(args["data"] or args["images_dir"])
+    if args["time_budget"] is None:
+        args["time_budget"] = DEFAULT_BUDGET if real else 0.0
     try:
+        if args["resume"] and not plan_file and (Path(args["output_dir"]) / "plan.json").is_file():
+            plan_file = Path(args["output_dir"]) / "plan.json"  # resume the run as it was planned
+        replay = load_plan(plan_file) if plan_file and real else None
+        if replay is not None:
+            names = {f.name for f in fields(TrainConfig)}
+            args.update({k: v for k, v in replay.items() if k in names and k not in given})
+        cfg = TrainConfig(**args)
         if cfg.real_data:
-            run_dataset(cfg, check_only=check)
+            run_dataset(cfg, check_only=check, given=None if replay is not None else given)
         else:
             run_synthetic(cfg)
     except TrainingInterrupted as exc:

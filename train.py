@@ -21,11 +21,12 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from budget import Pace
 from checkpoint import checkpoint_dict, save_checkpoint, write_checkpoint
 from data_gen import DIFFICULTIES
 from errors import ConfigError, MedSegError
 from inference import probs_from_logits, probs_to_labels
-from metrics import per_case_scores, segmentation_loss, summarize
+from metrics import class_mean, per_case_scores, segmentation_loss, summarize
 from options import TRAIN
 from preprocess import NORMALIZATIONS, class_mask
 from runtime import autocast, channels_last, make_grad_scaler, to_channels_last
@@ -88,6 +89,10 @@ class TrainConfig:
     dim: int = 2
     patch: str | None = None  # "Z,Y,X" voxels at the target spacing
     spacing: str | None = None  # "Z,Y,X" mm, the target spacing every case is resampled to
+    # the time budget (run.py --time-budget) and the colour jitter of photographs, both set by the plan
+    time_budget: float = 0.0  # minutes of training (validation included); 0 = no limit
+    schedule_changes: list | None = None  # a finished run's budget changes, replayed instead of the clock
+    photometric: float = 0.0
 
     def __post_init__(self) -> None:
         task = "seed" if self.difficulty == "seed" and not self.real_data else "other"
@@ -189,11 +194,13 @@ class TrainingDiverged(MedSegError):
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
                     precision: str = "fp32", use_channels_last: bool = False, desc: str = "",
                     progress: bool = True, augment: Callable | None = None,
-                    scaler: torch.amp.GradScaler | None = None, loss_fn: Callable = segmentation_loss) -> float:
+                    scaler: torch.amp.GradScaler | None = None, loss_fn: Callable = segmentation_loss,
+                    stop: Callable[[int], bool] | None = None) -> float:
     """One pass over ``loader``; returns the mean training loss per image. ``scaler``: fp16's GradScaler
-    (a step whose scaled gradients overflow is skipped and the scale halved)."""
+    (a step whose scaled gradients overflow is skipped and the scale halved). ``stop(steps_done)``: ends the
+    epoch early when it returns True (the time budget's deadline)."""
     model.train()
-    total, count = 0.0, 0
+    total, count, steps = 0.0, 0, 0
     with tqdm(loader, desc=desc, leave=False, disable=not progress, unit="batch") as bar:
         for images, labels in bar:
             if augment is not None:
@@ -219,6 +226,9 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             total += value * len(images)
             count += len(images)
             bar.set_postfix(loss=f"{value:.4f}")
+            steps += 1
+            if stop is not None and stop(steps):
+                break
     return total / max(count, 1)
 
 
@@ -246,7 +256,7 @@ def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch
     classes = range(1, logits.size(1) + (1 if regions else 0))
     per_class = {c: summarize(per_case_scores(class_mask(pred, c, regions), class_mask(labels.numpy(), c, regions)))
                  for c in classes}
-    summary = {k: float(np.nanmean([pc[k] for pc in per_class.values()])) for k in ("dice", "iou", "sensitivity", "precision")}
+    summary = {k: class_mean(per_class, k) for k in ("dice", "iou", "sensitivity", "precision")}
     return {"loss": loss, "scores": None, "summary": {**summary, "per_class": per_class}}
 
 
@@ -282,6 +292,7 @@ class FitResult:
     best_val: dict = field(default_factory=dict)
     train_seconds: float = 0.0
     train_cpu_seconds: float = 0.0  # CPU time of this process (all threads): independent of other jobs
+    schedule_changes: list = field(default_factory=list)  # the time budget's changes ([epoch, new epochs, steps])
 
 
 HISTORY_KEYS = ("epoch", "train_loss", "val_loss", "val_dice", "val_iou", "val_sensitivity", "val_precision", "lr",
@@ -407,6 +418,9 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
         set_rng_state(resume["rng"])
         log.info("resuming after epoch %d (best epoch %d)", resume["epoch"], res.best_epoch)
     t_start, cpu_start = time.perf_counter() - spent, time.process_time() - cpu_spent
+    pace = Pace(cfg.time_budget * 60, cfg.schedule_changes) if cfg.time_budget or cfg.schedule_changes else None
+    if pace:
+        pace.start(spent)
     writer = CheckpointWriter(checkpoint_path, last_path, cfg, extra_checkpoint, dist.main)
     writer.saved_epoch = start - 1
 
@@ -418,12 +432,13 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
 
     epoch = start - 1
     try:
-        for epoch in range(start, cfg.epochs + 1):
+        while epoch < cfg.epochs:  # not a range: the time budget may shorten cfg.epochs on the way
+            epoch += 1
             t0, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
             _seed_epoch(loader, train_data, sampler, augment, cfg.seed, epoch)
             train_loss = dist.mean(train_one_epoch(net, loader, optimizer, device, precision, cfg.channels_last,
                                                    f"Epoch {epoch}/{cfg.epochs}", cfg.progress and dist.main, augment,
-                                                   scaler, loss_fn), device)
+                                                   scaler, loss_fn, pace.stop_step(epoch) if pace else None), device)
             val = dist.from_main(validate(model) if dist.main else None)
             if cfg.lr_schedule == "plateau":
                 scheduler.step(val["loss"])
@@ -435,16 +450,19 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
                 best_key, res.best_epoch = (s["dice"], -val["loss"]), epoch
                 res.best_val = {"val_loss": val["loss"], **{k: v for k, v in s.items() if k != "per_class"}}
                 writer.new_best(model, epoch, res.best_val)
+            if pace:
+                pace.after_epoch(epoch, time.perf_counter() - t0, cfg)
             writer.end_of_epoch(model, epoch, start, state)
             if dist.main:
-                log.info("Epoch %2d | Train: %.4f | Val: %.4f | Dice: %.4f | IoU: %.4f | lr %.1e | %.1fs%s", epoch,
+                log.info("Epoch %2d | Train: %.4f | Val: %.4f | Dice: %.4f | IoU: %.4f | lr %.1e | %.1fs%s%s", epoch,
                          train_loss, val["loss"], s["dice"], s["iou"], lr, time.perf_counter() - t0,
-                         " *" if res.best_epoch == epoch else "")
+                         " *" if res.best_epoch == epoch else "", f" | {pace.progress(cfg, epoch)}" if pace else "")
     except KeyboardInterrupt:
         where = f"{last_path} holds epoch {writer.saved_epoch}" if last_path and writer.saved_epoch >= 1 else "no epoch was saved"
         raise TrainingInterrupted(f"training interrupted during epoch {epoch}; {where}. "
                                   f"Resume with the same command plus --resume") from None
     res.train_seconds, res.train_cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
+    res.schedule_changes = list(pace.changes if pace and pace.replay is None else cfg.schedule_changes or [])
     return res
 
 

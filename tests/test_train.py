@@ -115,11 +115,11 @@ def test_width_and_learning_rate_default_per_kind_of_data():
     assert (TrainConfig(base_channels=8, lr=0.5).base_channels, TrainConfig(base_channels=8, lr=0.5).lr) == (8, 0.5)
     assert {"base_channels": 16, "lr": 3e-3}.items() <= asdict(TrainConfig()).items()  # what checkpoints store
     args = vars(run.build_parser().parse_args(["--data", "x"]))
-    del args["check"]
+    del args["check"], args["plan"]
     assert args["base_channels"] is None and TrainConfig(**args).base_channels == 32
     help_text = " ".join(run.build_parser().format_help().split())
-    assert "width of the first level (default: 16 for the seed preset, 32 for realistic and --data)" in help_text
-    assert "learning rate (default: 0.003 for the seed preset, 0.001 for realistic and --data)" in help_text
+    assert "width of the first level (default: 16 for the seed preset, 32 for realistic; with --data the plan's)" in help_text
+    assert "learning rate (default: 0.003 for the seed preset, 0.001 for realistic; with --data the plan's)" in help_text
 
 
 def test_fused_adam_and_poly_schedule():

@@ -1,0 +1,105 @@
+"""The self-configuring plan: rules on small synthetic fingerprints, the budget arithmetic, user overrides, and a
+generated dataset unlike the public ones trained with no flags."""
+import json
+
+import pytest
+
+import data_gen
+import run
+from budget import Pace
+from fingerprint import CaseFingerprint, Fingerprint
+from plan import PATCH_PIXELS_2D, plan_dataset, size_schedule
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def fingerprint(shape, spacing, *, n=20, fmt="nifti", channels=1, thickness=5.0, labels=(1,), names=None):
+    cases = [CaseFingerprint(f"c{i}", list(shape), list(spacing), True, channels, fmt, "", {"0": 100, **{str(v): 10 for v in labels}},
+                             {str(v): 1 for v in labels}, {str(v): thickness for v in labels}) for i in range(n)]
+    return Fingerprint("key", "msd", [], names or {}, cases, [{"mean": 0.0, "std": 1.0}] * channels)
+
+
+def test_isotropic_volumes_get_a_3d_plan_and_anisotropic_ones_2d():
+    iso = plan_dataset(fingerprint((36, 50, 35), (1.0, 1.0, 1.0)), {}, 20)
+    assert iso.values["dim"] == 3 and iso.values["patch"] == "40,56,40" and iso.values["spacing"] == "1,1,1"
+    assert iso.values["batch_size"] == 2
+    aniso = plan_dataset(fingerprint((12, 96, 96), (5.0, 0.8, 0.8)), {}, 20)
+    assert aniso.values["dim"] == 2 and "thicker" in aniso.reasons["dim"]
+    assert aniso.values["image_size"] == 96 and aniso.values["resize"] is None
+
+
+def test_photos_with_large_objects_are_scaled_to_the_pixel_budget_and_thin_structures_keep_their_resolution():
+    side = int(PATCH_PIXELS_2D ** 0.5)
+    polyps = plan_dataset(fingerprint((530, 620), (1.0, 1.0), fmt="jpeg", channels=3, thickness=40.0), {}, 20)
+    assert polyps.values["resize"] == side and polyps.values["image_size"] == side
+    assert polyps.values["photometric"] > 0  # colour photographs get colour jitter
+    vessels = plan_dataset(fingerprint((584, 565), (1.0, 1.0), fmt="tiff", channels=3, thickness=1.5), {}, 20)
+    assert vessels.values["resize"] is None and vessels.values["image_size"] == 128
+    tiny = plan_dataset(fingerprint((40, 30), (1.0, 1.0), fmt="png", thickness=3.0), {}, 20)
+    assert tiny.values["image_size"] == 64 and tiny.values["photometric"] == 0.0
+    ct = plan_dataset(fingerprint((512, 512), (0.7, 0.7), fmt="dicom", thickness=20.0), {}, 20)
+    assert ct.values["resize"] is None and ct.values["photometric"] == 0.0  # scans are not rescaled like photos
+
+
+def test_labels_come_from_dataset_json_or_from_the_values_the_masks_hold():
+    named = plan_dataset(fingerprint((36, 50, 35), (1, 1, 1), labels=(1, 2), names={"anterior": 1, "posterior": 2}), {}, 20)
+    assert named.values["labels"] == "anterior=1,posterior=2"
+    assert plan_dataset(fingerprint((36, 50, 35), (1, 1, 1), labels=(1, 2)), {}, 20).values["labels"] == "1,2"
+    assert plan_dataset(fingerprint((36, 50, 35), (1, 1, 1), labels=(1,)), {}, 20).values["labels"] is None
+
+
+def test_multichannel_volumes_keep_their_channels_in_the_plan():
+    fp = fingerprint((24, 24, 24), (1, 1, 1), channels=2)
+    assert fp.cases[0].channels == 2 and plan_dataset(fp, {}, 20).values["dim"] == 3
+
+
+def test_the_budget_arithmetic_with_a_fake_step_time():
+    plan = plan_dataset(fingerprint((36, 50, 35), (1, 1, 1)), {}, 10)
+    size_schedule(plan, step_seconds=0.5, n_items=200, user={})  # 10 min x 85 % / 0.5 s = 1020 steps x 2 patches
+    assert plan.values["epochs"] * plan.values["samples_per_epoch"] == pytest.approx(2040, rel=0.05)
+    assert 8 <= plan.values["epochs"] <= 60
+    slow = plan_dataset(fingerprint((36, 50, 35), (1, 1, 1)), {}, 1)
+    size_schedule(slow, step_seconds=2.0, n_items=200, user={})
+    assert slow.values["epochs"] == 8 and slow.values["samples_per_epoch"] == 25 * 2 // 8  # 25 steps of 2 s
+
+
+def test_user_flags_win_and_the_plan_says_which_values_are_theirs():
+    plan = plan_dataset(fingerprint((36, 50, 35), (1, 1, 1)), {"dim": 2, "lr": 5e-4, "labels": "2"}, 20)
+    assert plan.values["dim"] == 2 and plan.sources["dim"] == "user" and plan.values["lr"] == 5e-4
+    assert plan.values["labels"] == "2" and plan.sources["base_channels"] == "plan"
+    size_schedule(plan, 0.1, 500, {"epochs": 30})  # 20 min x 85 % / 0.1 s = 10200 steps of 8 patches
+    assert plan.values["epochs"] == 30 and plan.sources["epochs"] == "user"
+    assert plan.values["samples_per_epoch"] == 10200 * 8 // 30  # the user's epochs, sized to the budget
+    assert "user" in plan.table() and "plan" in plan.table()
+    assert run.given_fields(["--data", "x", "--epochs=5", "--no-augment", "--lr", "1e-3"]) == {"data", "epochs",
+                                                                                              "augment", "lr"}
+
+
+def test_pace_shortens_the_schedule_when_epochs_run_slow_and_replays_recorded_changes():
+    class Cfg:
+        epochs = 10
+
+    cfg, pace = Cfg(), Pace(100.0)
+    pace.start(already_spent=30.0)  # 30 s gone, epochs of 20 s: 3 more fit
+    pace.after_epoch(1, 20.0, cfg)
+    assert cfg.epochs == 4 and pace.changes == [[1, 4, None]]
+    cfg.epochs, replay = 10, Pace(100.0, replay=[[1, 4, None]])
+    replay.start()
+    replay.after_epoch(1, 999.0, cfg)  # the clock is not consulted
+    assert cfg.epochs == 4
+
+
+def test_an_anisotropic_two_channel_dataset_trains_with_no_flags(tmp_path):
+    """A dataset unlike the public ones (two channels, 5 mm slices): the plan alone gets it to Dice >= 0.85."""
+    root = tmp_path / "aniso"
+    data_gen.write_two_channel_dataset(root, 12, shape=(8, 40, 40), spacing=(5.0, 1.0, 1.0), seed=3)
+    out = tmp_path / "out"
+    code = run.main(["--data", str(root), "--time-budget", "0.4", "--output-dir", str(out), "--checkpoint",
+                     str(out / "best.pth"), "--no-progress", "--threads", "1"])
+    assert code == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["dice"] >= 0.85, summary["dice"]
+    plan = json.loads((out / "plan.json").read_text())
+    assert plan["values"]["dim"] == 2 and plan["sources"]["dim"] == "plan"
+    assert summary["train_seconds"] <= 0.4 * 60 * 1.1 + 5  # budget + 10 % (and the start-up of the first epoch)
+    assert (out / "fingerprint.json").is_file() and summary["step_seconds"] > 0
