@@ -35,7 +35,7 @@ from inference import largest_classes, predict_planes, probs_to_labels
 from metrics import best_threshold_dice, per_case_scores, segmentation_loss, summarize
 from model import UNet, count_parameters
 from preprocess import WINDOW_PRESETS, Preprocessing, parse_labels, parse_window
-from runtime import resolve_precision, select_device, set_threads, to_channels_last
+from runtime import ThreadPolicy, resolve_precision, select_device, to_channels_last
 from train import ArrayDataset, DistInfo, FitResult, TrainConfig, evaluate, fit, set_seed, split_indices
 
 log = logging.getLogger("run")
@@ -53,7 +53,7 @@ def run_synthetic(cfg: TrainConfig) -> dict:
     t_run = time.perf_counter()
     set_seed(cfg.seed)
     check_outputs(cfg)
-    device, precision, dist_info = setup_run(cfg)
+    device, precision, dist_info, threads = setup_run(cfg)
     out_dir = record_run(cfg, device, precision) if dist_info.main else Path(cfg.output_dir)
     log.info("使用设备: %s (%s)%s", device, precision, f", {dist_info.world_size} 个进程" if dist_info.world_size > 1 else "")
     data = data_gen.generate_dataset(cfg.num_samples, cfg.image_size, cfg.seed, cfg.difficulty)
@@ -71,7 +71,7 @@ def run_synthetic(cfg: TrainConfig) -> dict:
     prep = synthetic_preprocessing(cfg)
     result = train_model(cfg, model, subsets["train"],
                          lambda m: evaluate(m, val.images, val.labels, bs, device, precision, cfg.channels_last, cfg.threshold),
-                         device, precision, {"preprocessing": prep.to_dict()}, dist_info)
+                         device, precision, {"preprocessing": prep.to_dict()}, dist_info, threads=threads)
     if not dist_info.main:
         return finish_ranks(dist_info, {})
     visualize.plot_training_history(result.history, out_dir)
@@ -118,9 +118,10 @@ def synthetic_preprocessing(cfg: TrainConfig) -> Preprocessing:
 
 
 # ------------------------------------------------------------------------------------- shared steps
-def setup_run(cfg: TrainConfig) -> tuple[torch.device, str, DistInfo]:
-    """Threads, device, numeric precision and, under ``torchrun``, the process group (gloo on CPU, NCCL on CUDA)."""
-    set_threads(cfg.threads)
+def setup_run(cfg: TrainConfig) -> tuple[torch.device, str, DistInfo, ThreadPolicy]:
+    """Threads, device, numeric precision and, under ``torchrun``, the process group (gloo on CPU, NCCL on CUDA).
+    The thread policy starts measuring the machine's load here, so that training starts with what it found."""
+    threads = ThreadPolicy(cfg.threads)
     device = select_device(cfg.device)
     dist_info = DistInfo()
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -132,7 +133,7 @@ def setup_run(cfg: TrainConfig) -> tuple[torch.device, str, DistInfo]:
         if not torch.distributed.is_initialized():
             torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
         dist_info = DistInfo(rank, world, local)
-    return device, resolve_precision(cfg.precision, device), dist_info
+    return device, resolve_precision(cfg.precision, device), dist_info, threads
 
 
 def finish_ranks(dist_info: DistInfo, result: dict) -> dict:
@@ -144,7 +145,8 @@ def finish_ranks(dist_info: DistInfo, result: dict) -> dict:
 
 
 def train_model(cfg: TrainConfig, model: UNet, train_data, validate, device: torch.device, precision: str,
-                extra: dict, dist_info: DistInfo, augment=None, loss_fn=segmentation_loss) -> FitResult:
+                extra: dict, dist_info: DistInfo, augment=None, loss_fn=segmentation_loss,
+                threads: ThreadPolicy | None = None) -> FitResult:
     """:func:`train.fit` with ``last.pth`` in the output folder, continuing from it when ``cfg.resume``."""
     last = Path(cfg.output_dir) / "last.pth"
     resume = None
@@ -164,7 +166,7 @@ def train_model(cfg: TrainConfig, model: UNet, train_data, validate, device: tor
         model.load_state_dict(saved.state_dict())
         resume = ckpt["resume"]
     return fit(model, train_data, validate, cfg, device, precision, cfg.checkpoint, augment, extra, last, resume, dist_info,
-               loss_fn)
+               loss_fn, threads)
 
 
 def check_outputs(cfg: TrainConfig, min_free_mb: int = 200) -> Path:
@@ -348,7 +350,7 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False, given: set[str] | No
         report.update(plan=asdict(plan) if plan else None)
         write_json_atomic(out_dir / "dataset_report.json", report)
         return report
-    device, precision, dist_info = setup_run(cfg)
+    device, precision, dist_info, threads = setup_run(cfg)
     split = datasets.split_cases(refs, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     if plan is not None:
         cfg = planning.size_run(cfg, plan, given, prep, split, fp, device, precision)
@@ -361,7 +363,7 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False, given: set[str] | No
     log.info("按病例划分 训练/验证/测试 = %d/%d/%d 例 (split.json)", *(len(sets[k]) for k in ("train", "val", "test")))
     if not sets["train"] or not sets["val"]:
         raise InputError(f"{spec.root}: too few cases ({len(refs)}) for a train/validation split")
-    result = train_on_cases(cfg, sets, prep, split, device, precision, dist_info)
+    result = train_on_cases(cfg, sets, prep, split, device, precision, dist_info, threads)
     if not dist_info.main:
         return finish_ranks(dist_info, {})
     t_eval = time.perf_counter()
@@ -399,7 +401,7 @@ def patch_data(cfg: TrainConfig, sets: dict, prep: Preprocessing) -> tuple:
 
 
 def train_on_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, split: dict, device: torch.device,
-                   precision: str, dist_info: DistInfo) -> FitResult:
+                   precision: str, dist_info: DistInfo, threads: ThreadPolicy | None = None) -> FitResult:
     """Foreground-oversampled patches of the training cases; validation = patch loss + whole-case Dice."""
     train_data, (val_x, val_y), length = patch_data(cfg, sets, prep)
     if dist_info.main:
@@ -422,7 +424,7 @@ def train_on_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, split: dic
     size = "x".join(map(str, prep.patch)) if prep.dim == 3 else f"{prep.patch_size}x{prep.patch_size}"
     log.info("模型参数量: %s; 每轮 %d 个 %s 训练块", f"{count_parameters(model):,}", length, size)
     result = train_model(cfg, model, train_data, validate, device, precision,
-                         {"preprocessing": prep.to_dict(), "split": split}, dist_info, augment, loss_fn)
+                         {"preprocessing": prep.to_dict(), "split": split}, dist_info, augment, loss_fn, threads)
     if dist_info.main:
         visualize.plot_training_history(result.history, Path(cfg.output_dir))
     return result

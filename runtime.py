@@ -6,6 +6,8 @@ decisions through this module, so a model is run the same way wherever it runs.
 from __future__ import annotations
 
 import contextlib
+import os
+import time
 
 import torch
 
@@ -80,7 +82,95 @@ def to_channels_last(model: torch.nn.Module, dim: int) -> torch.nn.Module:
     return model.to(memory_format=torch.channels_last if dim == 2 else torch.channels_last_3d)
 
 
-def set_threads(threads: int) -> None:
-    """``torch.set_num_threads(threads)`` when ``threads > 0``; 0 keeps PyTorch's default (one per core)."""
-    if threads > 0:
-        torch.set_num_threads(threads)
+def set_threads(threads: int) -> int:
+    """``threads > 0``: exactly that many. 0 (automatic): one per core that other processes leave idle, measured
+    now (:func:`busy_elsewhere`). Returns the count set."""
+    n = threads if threads > 0 else auto_threads()
+    torch.set_num_threads(n)
+    return n
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the OS tells, else the machine's count)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return max(1, len(affinity(0)) if affinity else (os.cpu_count() or 1))
+
+
+def _cpu_times() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot from /proc/stat; None where there is none."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [float(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+    hz = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+    return (sum(fields) - idle) / hz, sum(fields) / hz
+
+
+class LoadMeter:
+    """How many CPUs other processes keep busy, measured between two calls (this process's own CPU time is
+    subtracted from the machine's busy time, so the measurement does not count our own training)."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self._machine, self._own, self._wall = _cpu_times(), time.process_time(), time.perf_counter()
+
+    def others(self) -> float | None:
+        """CPUs busy with other processes since the last reset (None where the OS does not tell)."""
+        now = _cpu_times()
+        if now is None or self._machine is None:
+            return None
+        wall = time.perf_counter() - self._wall
+        if wall < 0.05:  # the kernel counts in 10 ms ticks: a shorter window says nothing
+            return None
+        busy = now[0] - self._machine[0]
+        own = time.process_time() - self._own
+        return max(0.0, (busy - own) / wall)
+
+
+def busy_elsewhere(window: float = 0.3) -> float | None:
+    """CPUs other processes keep busy, sampled over ``window`` seconds (None where the OS does not tell)."""
+    meter = LoadMeter()
+    time.sleep(window)
+    return meter.others()
+
+
+def threads_for(others: float | None, cpus: int | None = None) -> int:
+    """The thread count that leaves the busy CPUs to the processes using them: an OpenMP parallel region waits
+    for its slowest thread, so a thread sharing a core with another busy process stalls every region."""
+    cpus = cpus or usable_cpus()
+    if others is None:
+        return cpus
+    return max(1, min(cpus, cpus - int(others + 0.5)))
+
+
+def auto_threads(window: float = 0.3) -> int:
+    """:func:`threads_for` of the load measured now."""
+    return threads_for(busy_elsewhere(window))
+
+
+class ThreadPolicy:
+    """``threads > 0``: exactly that many, always (the same seed then gives the same metrics bit for bit).
+    0: automatic: start with every usable CPU and, at each :meth:`update` (between epochs), use the CPUs other
+    processes left idle since the previous one. Changing the count can change results in the last bits."""
+
+    def __init__(self, threads: int = 0):
+        # OMP_NUM_THREADS in the environment is the user's fixed choice too (torch has already applied it)
+        self.auto = threads <= 0 and "OMP_NUM_THREADS" not in os.environ
+        self.meter = LoadMeter() if self.auto else None
+        if threads > 0:
+            torch.set_num_threads(threads)
+        elif self.auto:
+            torch.set_num_threads(usable_cpus())
+
+    def update(self) -> int:
+        """Re-check the load (automatic mode) and set the thread count; returns it."""
+        if self.auto:
+            n = threads_for(self.meter.others())
+            if n != torch.get_num_threads():
+                torch.set_num_threads(n)
+            self.meter.reset()
+        return torch.get_num_threads()

@@ -29,7 +29,7 @@ from inference import probs_from_logits, probs_to_labels
 from metrics import class_mean, per_case_scores, segmentation_loss, summarize
 from options import TRAIN
 from preprocess import NORMALIZATIONS, class_mask
-from runtime import autocast, channels_last, make_grad_scaler, to_channels_last
+from runtime import ThreadPolicy, autocast, channels_last, make_grad_scaler, to_channels_last
 
 log = logging.getLogger(__name__)
 
@@ -388,12 +388,14 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
         device: torch.device, precision: str, checkpoint_path: str | os.PathLike,
         augment: Callable | None = None, extra_checkpoint: dict | None = None,
         last_path: str | os.PathLike | None = None, resume: dict | None = None,
-        dist_info: DistInfo | None = None, loss_fn: Callable = segmentation_loss) -> FitResult:
+        dist_info: DistInfo | None = None, loss_fn: Callable = segmentation_loss,
+        threads: ThreadPolicy | None = None) -> FitResult:
     """Train with Adam + ReduceLROnPlateau(val loss) or poly LR; keep the model with the best validation Dice.
 
     ``train_data`` yields (images, labels) batches through ``__getitems__`` (and may have ``set_epoch``);
     ``validate(model)`` returns ``{"loss": float, "summary": {"dice", "iou", "sensitivity", "precision", ...}}``.
-    ``resume``: the ``"resume"`` entry of a ``last.pth``. Batch order and augmentation are seeded per epoch, so
+    ``resume``: the ``"resume"`` entry of a ``last.pth``. ``threads``: re-checked before the first epoch and after
+    each (automatic thread count on a machine others share). Batch order and augmentation are seeded per epoch, so
     a resumed run repeats exactly what the uninterrupted run would have done. Under torchrun each rank trains
     on its share of every epoch and rank 0 validates, saves and broadcasts its result.
     """
@@ -406,17 +408,7 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
     scheduler = make_scheduler(optimizer, cfg)
     loader = make_loader(train_data, cfg.batch_size, True, cfg.seed, cfg.num_workers, sampler)
     res = FitResult(history={k: [] for k in HISTORY_KEYS})
-    best_key, start, spent, cpu_spent = (-math.inf, -math.inf), 1, 0.0, 0.0
-    if resume:
-        optimizer.load_state_dict(resume["optimizer"])
-        scheduler.load_state_dict(resume["scheduler"])
-        if resume.get("grad_scaler"):
-            scaler.load_state_dict(resume["grad_scaler"])
-        res.history, res.best_epoch, res.best_val = resume["history"], resume["best_epoch"], resume["best_val"]
-        best_key, start, spent = tuple(resume["best_key"]), resume["epoch"] + 1, resume["train_seconds"]
-        cpu_spent = resume.get("train_cpu_seconds", 0.0)
-        set_rng_state(resume["rng"])
-        log.info("resuming after epoch %d (best epoch %d)", resume["epoch"], res.best_epoch)
+    best_key, start, spent, cpu_spent = _restore(resume, optimizer, scheduler, scaler, res)
     t_start, cpu_start = time.perf_counter() - spent, time.process_time() - cpu_spent
     pace = Pace(cfg.time_budget * 60, cfg.schedule_changes) if cfg.time_budget or cfg.schedule_changes else None
     if pace:
@@ -431,6 +423,8 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
                 "rng": rng_state(), "grad_scaler": scaler.state_dict() if scaler.is_enabled() else {}}
 
     epoch = start - 1
+    threads = threads or ThreadPolicy(cfg.threads)
+    threads.update()
     try:
         while epoch < cfg.epochs:  # not a range: the time budget may shorten cfg.epochs on the way
             epoch += 1
@@ -452,6 +446,7 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
                 writer.new_best(model, epoch, res.best_val)
             if pace:
                 pace.after_epoch(epoch, time.perf_counter() - t0, cfg)
+            threads.update()
             writer.end_of_epoch(model, epoch, start, state)
             if dist.main:
                 log.info("Epoch %2d | Train: %.4f | Val: %.4f | Dice: %.4f | IoU: %.4f | lr %.1e | %.1fs%s%s", epoch,
@@ -464,6 +459,20 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
     res.train_seconds, res.train_cpu_seconds = time.perf_counter() - t_start, time.process_time() - cpu_start
     res.schedule_changes = list(pace.changes if pace and pace.replay is None else cfg.schedule_changes or [])
     return res
+
+
+def _restore(resume: dict | None, optimizer, scheduler, scaler, res: FitResult) -> tuple:
+    """Load a ``last.pth``'s training state; returns (best key, first epoch, seconds and CPU seconds spent)."""
+    if not resume:
+        return (-math.inf, -math.inf), 1, 0.0, 0.0
+    optimizer.load_state_dict(resume["optimizer"])
+    scheduler.load_state_dict(resume["scheduler"])
+    if resume.get("grad_scaler"):
+        scaler.load_state_dict(resume["grad_scaler"])
+    res.history, res.best_epoch, res.best_val = resume["history"], resume["best_epoch"], resume["best_val"]
+    set_rng_state(resume["rng"])
+    log.info("resuming after epoch %d (best epoch %d)", resume["epoch"], res.best_epoch)
+    return tuple(resume["best_key"]), resume["epoch"] + 1, resume["train_seconds"], resume.get("train_cpu_seconds", 0.0)
 
 
 def _seed_epoch(loader: DataLoader, data: Dataset, sampler, augment, seed: int, epoch: int) -> None:

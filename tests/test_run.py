@@ -7,7 +7,7 @@ import run
 from checkpoint import load_checkpoint
 
 TINY = ["--epochs", "2", "--num-samples", "24", "--image-size", "32", "--base-channels", "4",
-        "--batch-size", "4", "--device", "cpu", "--no-progress"]
+        "--batch-size", "4", "--device", "cpu", "--no-progress", "--threads", "1"]  # fixed threads: exact repeats
 
 
 def _run(tmp_path, name, *extra):
