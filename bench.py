@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import accuracy, common, speed
+from benchmarks import accuracy, busy, common, real, speed, whole_ct
 from checkpoint import plain
 from runtime import resolve_precision, set_threads
 from train import TASK_DEFAULTS, TrainConfig
@@ -45,6 +45,10 @@ log = logging.getLogger("bench")
 
 ROOT = common.ROOT
 DEFAULT_REAL_DATA = ROOT.parent / "shared" / "data" / "kvasir_seg" / "Kvasir-SEG"
+HIPPOCAMPUS = ROOT.parent / "shared" / "data" / "msd_hippocampus"
+#: one 2D hippocampus epoch with every setting given, so that the plan changes nothing between rounds
+HIPPOCAMPUS_EPOCH = ["--dim", "2", "--labels", "1,2", "--epochs", "1", "--image-size", "64", "--batch-size", "8",
+                     "--base-channels", "32", "--lr", "1e-3", "--time-budget", "0"]
 #: the original post's training settings (the reference script's flag names; its Adam runs at POST_LR)
 POST = {"epochs": 5, "num_samples": 200, "image_size": 64, "base_channels": 64, "batch_size": 4}
 POST_LR = 1e-3
@@ -163,6 +167,16 @@ def evaluate_targets(r: dict) -> list[Target]:
                     _ratio(g, peak), 0.5, ">="))
     rss, ref_rss = r.get("rss_256", {}).get("peak_rss_mb"), r.get("reference_rss_256", {}).get("peak_rss_mb_wait4")
     t.append(Target("peak RSS MB, 256px training, post's model (ours / ref)", rss, ref_rss, _ratio(rss, ref_rss), 1.0, "<="))
+    for name, row in r.get("busy_machine", {}).items():
+        t.append(Target(f"{name} beside a CPU-bound process / idle", row["busy"], row["idle"], row["busy_over_idle"],
+                        1.7, "<=", "x"))
+    ct = r.get("whole_ct", {})
+    t.append(Target("predict.py on a whole CT (129x512x512), seconds", ct.get("wall_s"), None, ct.get("wall_s"), 10.0,
+                    "<=", "s"))
+    t.append(Target("predict.py on a whole CT, peak RSS MB", ct.get("peak_rss_mb"), None, ct.get("peak_rss_mb"),
+                    2048.0, "<=", "MB"))
+    before = r.get("before_default_run", {}).get("wall_s")
+    t.append(Target("default run wall, idle, this version / --before", w, before, _ratio(w, before), 1.05, "<="))
     for key, label in (("precision_synthetic", "realistic synthetic"), ("precision_real", "real (Kvasir-SEG)")):
         variants = r.get(key, {}).get("variants", {})
         worst = max((abs(v["dice_delta_vs_fp32"]) for n, v in variants.items() if "bf16" in n), default=None)
@@ -191,6 +205,9 @@ def format_report(r: dict, targets: list[Target]) -> str:
               f"{t.op if t.op != 'info' else ' '}{_f(t.goal, 3):>6}  {t.status}" for t in targets]
     lines += ["", f"{'training run':36} {'img/s':>8} {'img/s+eval':>10} {'test Dice':>9} {'s to .95':>8} {'wall s':>7} "
                   f"{'RSS MB':>7}"]
+    for name, row in r.get("busy_machine", {}).items():
+        lines.append(f"busy machine, {name}: {row['measure']} idle {_f(row['idle'], 3)} s, beside a CPU-bound process "
+                     f"{_f(row['busy'], 3)} s ({_f(row['busy_over_idle'], 3)}x)")
     for key in ("train_post_fp32", "train_post_auto", "before_post_auto", "reference_post", "default_run",
                 "before_default_run", "default_run_checkpoint_every_epoch", "rss_256", "reference_rss_256"):
         rec = r.get(key)
@@ -271,7 +288,7 @@ def interleaved_runs(plan: Plan, baseline: str | None, before: Path | None, repe
 
 def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path, threads: int = 0,
                   onnx: bool = True, compile_model: bool = False, real_data: Path | None = None,
-                  before: Path | None = None) -> dict:
+                  before: Path | None = None, busy_rounds: int = 2) -> dict:
     """Everything, in order; writes ``out_dir/bench.json`` and returns the results."""
     set_threads(threads)
     reference = common.load_reference(baseline) if baseline else None
@@ -318,6 +335,14 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
                                                             plan.real_epochs, onnx=onnx, base_channels=plan.model_base)
     else:
         log.warning("real-data precision check skipped: %s has no images/ folder (pass --real-data)", real_data)
+    series = whole_ct.find_series()
+    if series is not None and not plan.quick:
+        r["whole_ct"] = whole_ct.whole_ct(series)
+    if busy_rounds:
+        runs = {"default_run": plan.default_run_args}
+        if HIPPOCAMPUS.is_dir() and not plan.quick:
+            runs["hippocampus_2d_epoch"] = ["--data", str(HIPPOCAMPUS), *HIPPOCAMPUS_EPOCH]
+        r["busy_machine"] = busy.busy_machine(runs, busy_rounds)
     r["load_average_after"] = common.loadavg()
     r["targets"] = [{**asdict(t), "status": t.status} for t in evaluate_targets(r)]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -340,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time torch.compile for inference and for the training step (compile time reported "
                         "separately)")
     p.add_argument("--real-data", default=str(DEFAULT_REAL_DATA), help="Kvasir-SEG folder for the real-data Dice check")
+    p.add_argument("--busy-rounds", type=int, default=2, help="idle / beside-a-CPU-bound-process rounds of the busy "
+                   "machine rows (0 = skip them)")
+    p.add_argument("--real", action="store_true", help="only the time-to-Dice row: the default run.py --data on the "
+                   "hippocampus for --real-minutes with snapshots, scored on its held-out cases (about 40 min)")
+    p.add_argument("--real-minutes", type=float, default=30.0, help="training budget of the --real run")
+    p.add_argument("--nnunet-result", default=None, help="nnunet_result.json of benchmarks/nnunet_peer.py, drawn "
+                   "beside ours")
     p.add_argument("--worker-train", help=argparse.SUPPRESS)
     p.add_argument("--worker-out", help=argparse.SUPPRESS)
     return p
@@ -354,6 +386,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainConfig.from_dict(json.loads(Path(args.worker_train).read_text()))
         Path(args.worker_out).write_text(json.dumps(plain(common.measure_training(cfg)), default=float))
         return 0
+    if args.real:
+        nn = json.loads(Path(args.nnunet_result).read_text()) if args.nnunet_result else None
+        res = real.time_to_dice(HIPPOCAMPUS, Path(args.out) / "real", args.real_minutes, nnunet=nn)
+        for p in res["points"]:
+            print(f"{p['minutes']:6.1f} min  held-out Dice {p['dice']:.4f}  {p['per_class']}")
+        print(f"wrote {Path(args.out) / 'real' / 'time_to_dice.json'} and time_to_dice.png")
+        return 0
     for flag, path, kind in (("--baseline", args.baseline, "file"), ("--before", args.before, "dir")):
         if path and not (Path(path).is_file() if kind == "file" else (Path(path) / "run.py").is_file()):
             log.error("error: %s %s: no such %s", flag, path, "file" if kind == "file" else "checkout (no run.py)")
@@ -361,7 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     r = run_benchmark(make_plan(args.quick), args.baseline, args.repeats or (1 if args.quick else 2), Path(args.out),
                       args.threads, args.onnx, args.compile_model, Path(args.real_data) if args.real_data else None,
-                      Path(args.before).resolve() if args.before else None)
+                      Path(args.before).resolve() if args.before else None, args.busy_rounds)
     print(format_report(r, [Target(**{k: v for k, v in t.items() if k != "status"}) for t in r["targets"]]))
     print(f"\nwrote {Path(args.out) / 'bench.json'} and {r['scaling_figure']} in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -66,6 +66,7 @@ THIN_PX = 4.0
 #: share of the budget for training steps; the rest is validation and the epochs' overhead
 STEP_SHARE = 0.85
 MIN_EPOCHS, MAX_EPOCHS = 8, 60
+NO_BUDGET_EPOCHS = 30
 
 
 @dataclass
@@ -160,8 +161,12 @@ def size_schedule(plan: Plan, step_seconds: float, n_items: int, user: dict) -> 
     training items per epoch, between MIN_EPOCHS and MAX_EPOCHS epochs)."""
     plan.step_seconds = step_seconds
     batch = plan.values["batch_size"]
-    steps = max(1, int(plan.budget_minutes * 60 * STEP_SHARE / step_seconds))
     per_epoch = max(n_items, 64 if plan.values["dim"] == 3 else 256)
+    if plan.budget_minutes <= 0:  # no budget: one pass over the training items per epoch, the user's epochs or 30
+        plan.set("samples_per_epoch", per_epoch, "no time budget: one patch per training item", user)
+        plan.set("epochs", NO_BUDGET_EPOCHS, "no time budget", user)
+        return
+    steps = max(1, int(plan.budget_minutes * 60 * STEP_SHARE / step_seconds))
     epochs = steps * batch // per_epoch
     if "epochs" in user:  # the user's epochs, each sized so that all of them fit the budget
         per_epoch, epochs = max(batch, steps * batch // user["epochs"]), user["epochs"]

@@ -105,6 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
                "sizes the run to; the training phase ends within it + 10 %% even if other load appears; test-time "
                "evaluation is extra. With --epochs, those epochs are sized to fit it; 0 = no limit (default: "
                f"{DEFAULT_BUDGET:g} with --data)", metavar="MINUTES")
+    r.add_argument("--snapshot-minutes", default=None, metavar="M1,M2,...", help="also save the best model so far "
+                   "after these many minutes of training, as snapshots/best_at_<M>min.pth beside --checkpoint "
+                   "(bench.py --real draws Dice against training time from them)")
     r.add_argument("--plan", default=None, metavar="PLAN_JSON", help="replay the plan.json of an earlier run (its "
                    "values and schedule changes; with the same --threads the metrics repeat exactly)")
     v = p.add_argument_group("volumes")
@@ -140,6 +143,13 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # --help (0) or a usage error (2), already printed on one line
         return exc.code if isinstance(exc.code, int) else 2
     check, plan_file = args.pop("check"), args.pop("plan")
+    if args["snapshot_minutes"]:
+        try:
+            args["snapshot_minutes"] = [float(v) for v in args["snapshot_minutes"].split(",")]
+        except ValueError:
+            print(f"run.py: error: argument --snapshot-minutes: got {args['snapshot_minutes']!r}, expected numbers "
+                  "separated by commas (see run.py --help)", file=sys.stderr)
+            return 2
     given = given_fields(argv) - {"check", "plan"}
     real = bool(args["data"] or args["images_dir"])
     if args["time_budget"] is None:

@@ -13,6 +13,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -93,6 +94,7 @@ class TrainConfig:
     time_budget: float = 0.0  # minutes of training (validation included); 0 = no limit
     schedule_changes: list | None = None  # a finished run's budget changes, replayed instead of the clock
     photometric: float = 0.0
+    snapshot_minutes: list | None = None  # bench.py --real: the best model so far saved at these training minutes
 
     def __post_init__(self) -> None:
         task = "seed" if self.difficulty == "seed" and not self.real_data else "other"
@@ -364,20 +366,31 @@ class CheckpointWriter:
 
     def __init__(self, best_path, last_path, cfg: TrainConfig, extra: dict | None, main: bool):
         self.best_path, self.last_path, self.cfg, self.extra, self.main = best_path, last_path, cfg, extra or {}, main
-        self.best_unsaved: dict | None = None
+        self.best: dict | None = None  # the best checkpoint so far; written at the next due moment
+        self.best_unsaved = False
         self.saved_epoch, self.last_write = 0, time.perf_counter()
+        self.snapshots = sorted(cfg.snapshot_minutes or [])
 
     def new_best(self, model: nn.Module, epoch: int, best_val: dict) -> None:
         if self.main:
-            self.best_unsaved = checkpoint_dict(model, self.cfg, epoch, best_val, self.extra, snapshot=True)
+            self.best = checkpoint_dict(model, self.cfg, epoch, best_val, self.extra, snapshot=True)
+            self.best_unsaved = True
+
+    def snapshot(self, elapsed_s: float) -> None:
+        """The best model so far as ``snapshots/best_at_<M>min.pth`` once ``M`` minutes of training have passed
+        (``cfg.snapshot_minutes``: the benchmark's Dice against training time, evaluated off the clock)."""
+        while self.main and self.snapshots and elapsed_s >= self.snapshots[0] * 60 and self.best is not None:
+            m = self.snapshots.pop(0)
+            write_checkpoint(Path(self.best_path).parent / "snapshots" / f"best_at_{m:g}min.pth",
+                             {**self.best, "elapsed_seconds": elapsed_s})
 
     def end_of_epoch(self, model: nn.Module, epoch: int, first: int, state: Callable[[], dict]) -> None:
         due = epoch in (first, self.cfg.epochs) or time.perf_counter() - self.last_write >= self.cfg.checkpoint_every
         if not (due and self.main):
             return
-        if self.best_unsaved is not None:
-            write_checkpoint(self.best_path, self.best_unsaved)
-            self.best_unsaved = None
+        if self.best_unsaved:
+            write_checkpoint(self.best_path, self.best)
+            self.best_unsaved = False
         if self.last_path:
             resume = state()
             save_checkpoint(self.last_path, model, self.cfg, epoch, resume["best_val"], {**self.extra, "resume": resume})
@@ -448,6 +461,7 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
                 pace.after_epoch(epoch, time.perf_counter() - t0, cfg)
             threads.update()
             writer.end_of_epoch(model, epoch, start, state)
+            writer.snapshot(time.perf_counter() - t_start)
             if dist.main:
                 log.info("Epoch %2d | Train: %.4f | Val: %.4f | Dice: %.4f | IoU: %.4f | lr %.1e | %.1fs%s%s", epoch,
                          train_loss, val["loss"], s["dice"], s["iou"], lr, time.perf_counter() - t0,
