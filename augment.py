@@ -35,7 +35,7 @@ class Augmenter:
     gamma:         range of a per-item gamma (intensities mapped to [0, 1], raised to gamma, mapped back, mean
                    and spread kept), applied with probability ``p_gamma``; None = off (the default, 2D and 3D)
     photometric:   colour photographs (3 channels in [0, 1]): the strength of per-item brightness, contrast,
-                   saturation and hue jitter (hue by a fifth of it), blur and sensor noise, so a model meets the
+                   saturation and hue jitter (hue by a quarter of it), blur and sensor noise, so a model meets the
                    lighting, white balance, focus and compression of other cameras; 0 = off (the default)
     """
 
@@ -161,11 +161,11 @@ class Augmenter:
 
 
     def _photometric(self, x: torch.Tensor) -> torch.Tensor:
-        """Per item: brightness x(1 +- s), contrast x(1 +- s), saturation x(1 +- s), hue +- s/5 (a full turn = 1),
+        """Per item: brightness x(1 +- s), contrast x(1 +- s), saturation x(1 +- s), hue +- s/4 (a full turn = 1),
         then with probability 0.3 each a Gaussian blur (sigma up to 1.5 px) and Gaussian noise (up to 0.03)."""
         n, s = x.shape[0], self.photometric
         b, c, sat = (self._u(n, 1 - s, 1 + s).view(n, 1, 1, 1) for _ in range(3))
-        hue = self._u(n, -s / 5, s / 5).view(n, 1, 1)
+        hue = self._u(n, -s / 4, s / 4).view(n, 1, 1)
         blur, sigma = torch.rand(n, generator=self.gen) < 0.3, self._u(n, 0.3, 1.5)
         noisy, amp = torch.rand(n, generator=self.gen) < 0.3, self._u(n, 0.0, 0.03)
         x = x.clamp(0, 1) * b

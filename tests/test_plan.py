@@ -103,3 +103,31 @@ def test_an_anisotropic_two_channel_dataset_trains_with_no_flags(tmp_path):
     assert plan["values"]["dim"] == 2 and plan["sources"]["dim"] == "plan"
     assert summary["train_seconds"] <= 0.4 * 60 * 1.1 + 5  # budget + 10 % (and the start-up of the first epoch)
     assert (out / "fingerprint.json").is_file() and summary["step_seconds"] > 0
+
+
+def test_robustness_table_scores_every_perturbation_of_colour_photographs(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    import robustness
+    from experiments import run_dataset
+    from train import TrainConfig
+
+    root = tmp_path / "photos"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:40, :40]
+    for i in range(10):
+        cy, cx, r = rng.integers(12, 28), rng.integers(12, 28), rng.integers(5, 9)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img = rng.integers(60, 120, (40, 40, 3)).astype(np.uint8)
+        img[disc] = (200, 90, 80)
+        Image.fromarray(img).save(root / "images" / f"p{i}.png")
+        Image.fromarray(disc.astype(np.uint8) * 255).save(root / "masks" / f"p{i}.png")
+    out = tmp_path / "out"
+    run_dataset(TrainConfig(data=str(root), epochs=2, image_size=32, base_channels=4, samples_per_epoch=32,
+                            progress=False, output_dir=str(out), checkpoint=str(out / "best.pth"), threads=1))
+    res = robustness.robustness(out / "best.pth", root, out / "split.json")
+    assert set(res["rows"]) == set(robustness.PERTURBATIONS) and res["test_images"] == 2
+    assert all(0.0 <= r["dice"] <= 1.0 for r in res["rows"].values()) and res["rows"]["clean"]["loss"] == 0.0
