@@ -22,7 +22,12 @@ Design
       :func:`diagnosis.write_case_files` (``report.json`` has predict.py's schema).
     * Each browser session gets its own temporary folder (the uploaded file, the downloads), deleted when the
       tab closes (``demo.unload``), when Gradio expires the session state, and when the app exits; Gradio's
-      own upload cache is swept by ``delete_cache``. Uploads are limited to ``page.MAX_UPLOAD_MB``.
+      own upload cache is swept by ``delete_cache``. Uploads are limited to ``page.MAX_UPLOAD_MB`` and checked
+      by :mod:`page_upload` before any reader opens them; a DICOM zip of several series offers a choice.
+    * Files: Gradio's ``/file=`` route serves only its own upload / output folder (``allowed_paths`` empty),
+      which :func:`main` puts inside the app's temporary folder, apart from the session folders; the page refuses
+      to start when ``GRADIO_TEMP_DIR`` would contain them. Download URLs carry a keyed hash of their content.
+    * Several users: one request per event at a time (``default_concurrency_limit=1``), the rest queue.
     * Every request catches :class:`errors.MedSegError` and unexpected exceptions and shows a polite message
       in the status box; the page keeps working.
     * Without a checkpoint the page still starts and explains how to train one (``python run.py``).
@@ -49,10 +54,14 @@ import diagnosis
 import page
 import page_text
 import report
-from errors import oneline
+from errors import ConfigError, oneline
+from options import Parser, Range, add_number
 from page import DEFAULT_CHECKPOINT, MAX_UPLOAD_MB, TRAIN_HINT_S, DemoApp, Session, View, status_box
 from page_text import LANGS, page_lang, tr
 
+PORT = Range(int, 1, 65535)
+#: --max-upload-mb: more than 2 GiB per upload is beyond what the readers accept unpacked (fileio's zip limit)
+UPLOAD_MB = Range(float, 0, 2048, lo_open=True)
 SESSION_TTL_S = 2 * 3600            # Gradio deletes a session's state (and our folder) at the latest after this
 DELETE_CACHE = (600, 3600)          # Gradio's upload/output cache: every 10 min, delete files older than 1 h
 
@@ -107,6 +116,7 @@ class Controls:
     banner: Any
     reload_btn: Any
     upload: Any
+    series: Any
     example: Any
     example_btn: Any
     threshold: Any
@@ -124,7 +134,7 @@ class Controls:
     def view_outputs(self) -> list[Any]:
         """The components a :class:`page.View` fills, in :meth:`Handlers.outputs_of`'s order."""
         return [self.status, self.img_in, self.img_ov, self.img_pr, self.findings, self.table, self.slice_slider,
-                self.min_size]
+                self.min_size, self.series]
 
 
 def _settings_column(gr, app: DemoApp, h: Handlers, lang: str) -> dict[str, Any]:
@@ -132,6 +142,8 @@ def _settings_column(gr, app: DemoApp, h: Handlers, lang: str) -> dict[str, Any]
     ready = app.bundle is not None
     c = {"upload": gr.File(label=h.upload_label(lang), file_count="single", type="filepath", elem_id="upload",
                            interactive=ready, height=130),
+         "series": gr.Dropdown([], value=None, label=tr("series", lang), elem_id="series", visible=False,
+                               interactive=True),
          "example": gr.Dropdown(h.example_choices(lang), value=app.examples[0].name, label=tr("example", lang),
                                 elem_id="example", interactive=ready),
          "example_btn": gr.Button(tr("run_example", lang), variant="primary", elem_id="example-btn",
@@ -185,7 +197,7 @@ def _layout(gr, app: DemoApp, h: Handlers) -> Controls:
 class Handlers:
     """The page's event handlers: Gradio values in, :class:`page.DemoApp` requests, component updates out."""
 
-    _WITH_REQUEST = ("on_upload", "on_example", "on_settings", "on_unload")
+    _WITH_REQUEST = ("on_upload", "on_series", "on_example", "on_settings", "on_unload")
 
     def __init__(self, app: DemoApp, gr):
         self.app, self.gr = app, gr
@@ -240,7 +252,15 @@ class Handlers:
             ms = gr.update(label=f"{tr('min_size', lang)} ({view.min_size_unit})", maximum=view.min_size_max,
                            value=view.min_size)
         return [view.status, p.input if p else None, p.overlay if p else None, p.probability if p else None,
-                view.findings, self.table_value(view.headers, view.rows, lang), sl, ms]
+                view.findings, self.table_value(view.headers, view.rows, lang), sl, ms, self.series_update(view, lang)]
+
+    def series_update(self, view: View | None, lang: str) -> Any:
+        """The series dropdown: shown with a DICOM zip's series folders while there is a choice, else hidden."""
+        choices = view.series_choices if view is not None else []
+        if not choices:
+            return self.gr.update(visible=False, choices=[], value=None, label=tr("series", lang))
+        return self.gr.update(visible=True, choices=[(f"{c}/", c) for c in choices], value=view.series,
+                              label=tr("series", lang))
 
     # ----------------------------------------------------------------- handlers
     def on_upload(self, value, file_path, lang, threshold, min_size, request) -> list[Any]:
@@ -248,6 +268,11 @@ class Handlers:
         s = self.session_of(value, request)
         view = self.app.analyse_upload(s, file_path, lang, threshold, min_size)
         return [s, *self.outputs_of(view, lang), None]
+
+    def on_series(self, value, series, lang, threshold, min_size, request) -> list[Any]:
+        """A series of the uploaded DICOM zip was chosen: analyse it."""
+        s = self.session_of(value, request)
+        return [s, *self.outputs_of(self.app.analyse_series(s, series, lang, threshold, min_size), lang)]
 
     def on_example(self, value, name, lang, threshold, min_size, request) -> list[Any]:
         """The "Analyse example" button: analyse the chosen one and clear the upload box."""
@@ -266,11 +291,10 @@ class Handlers:
         return [p.input, p.overlay, p.probability] if p else [self.gr.update()] * 3
 
     def on_downloads(self, value, lang) -> list[Any]:
-        """After every result change: the downloads of the current result, and the status (a failure shows)."""
+        """After every result change: the downloads the request wrote with the result, and the status."""
         if not isinstance(value, Session):
             return [None, self.gr.update()]
-        files = self.app.write_downloads(value, lang)
-        return [files or None, self.app.status_html(value, page_lang(lang))]
+        return [list(value.downloads) or None, self.app.status_html(value, page_lang(lang))]
 
     def on_lang(self, value, lang) -> list[Any]:
         """Every label in the new language, and the current result re-rendered in it."""
@@ -301,7 +325,8 @@ class Handlers:
                 view.findings if have else gr.update(), table,
                 gr.update(label=f"{tr('slice', lang)} · z / {view.n_slices}") if have and view.n_slices > 1
                 else gr.update(),
-                gr.update(label=f"{tr('min_size', lang)} ({unit})", info=tr("min_size_info", lang))]
+                gr.update(label=f"{tr('min_size', lang)} ({unit})", info=tr("min_size_info", lang)),
+                self.series_update(view, lang)]
 
     def on_reload(self, lang) -> list[Any]:
         """The "Reload model" button: a model trained meanwhile is picked up without a restart."""
@@ -326,8 +351,12 @@ def _wire(demo, c: Controls, h: Handlers) -> None:
     def then_downloads(event) -> None:
         event.then(h.on_downloads, [c.state, c.lang_radio], [c.downloads, c.status], show_progress="hidden")
 
-    then_downloads(c.upload.upload(h.on_upload, [c.state, c.upload, c.lang_radio, c.threshold, c.min_size],
-                                   [c.state, *views, c.downloads], show_progress="minimal"))
+    first = c.upload.upload(h.on_upload, [c.state, c.upload, c.lang_radio, c.threshold, c.min_size],
+                            [c.state, *views, c.downloads], show_progress="minimal", api_name="upload")
+    first.then(h.on_downloads, [c.state, c.lang_radio], [c.downloads, c.status], show_progress="hidden",
+               api_name="downloads")
+    then_downloads(c.series.input(h.on_series, [c.state, c.series, c.lang_radio, c.threshold, c.min_size],
+                                  [c.state, *views], show_progress="minimal", api_name="series"))
     then_downloads(c.example_btn.click(h.on_example, [c.state, c.example, c.lang_radio, c.threshold, c.min_size],
                                        [c.state, *views, c.upload], show_progress="minimal"))
     for slider in (c.threshold, c.min_size):
@@ -352,8 +381,22 @@ def build_app(checkpoint: str | os.PathLike | None = DEFAULT_CHECKPOINT, *, lang
     handlers = Handlers(app, gr)
     with gr.Blocks(title="medseg · U-Net", analytics_enabled=False, delete_cache=DELETE_CACHE) as demo:
         _wire(demo, _layout(gr, app, handlers), handlers)
+    # one request per event at a time: the others wait in the queue (a burst of users queues, never fails, and
+    # memory stays that of one analysis); the model lock in page.DemoApp serialises inference anyway
+    demo.queue(default_concurrency_limit=1)
     demo.medseg = app
     return demo
+
+
+def _check_file_route(app: DemoApp, upload_folder: str | os.PathLike) -> None:
+    """Refuse to serve when Gradio's upload / output folder holds the session folders. Gradio's ``/file=`` route
+    serves every file in that folder (and no other: ``allowed_paths`` stays empty) to whoever names it, so with
+    ``GRADIO_TEMP_DIR`` set to a parent of them (``/tmp``) a guessed URL would reach other sessions' uploads."""
+    cache, sessions = Path(upload_folder).resolve(), app.sessions_dir.resolve()
+    if cache == sessions or cache in sessions.parents:
+        raise ConfigError(f"GRADIO_TEMP_DIR={upload_folder} holds the page's session folders ({app.sessions_dir}); "
+                          "expected an empty folder of its own (unset it: the page then uses one inside its own "
+                          "temporary folder)")
 
 
 def serve(demo, host: str = "127.0.0.1", port: int = 7860, *, share: bool = False, block: bool = True,
@@ -361,41 +404,42 @@ def serve(demo, host: str = "127.0.0.1", port: int = 7860, *, share: bool = Fals
     """Launch ``demo`` (from :func:`build_app`) with the page's CSS, the upload limit, no SSR and no share link
     unless asked. ``block=False`` returns at once (tests)."""
     import gradio as gr
+    from gradio.utils import get_upload_folder
 
     app: DemoApp = demo.medseg
+    _check_file_route(app, get_upload_folder())
     return demo.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
                        inbrowser=False, show_error=False, ssr_mode=False, max_file_size=int(app.max_upload_mb * 2**20),
                        theme=gr.themes.Default(), css=_cjk_font_css() + CSS, footer_links=["gradio"],
-                       mcp_server=False)
+                       mcp_server=False, allowed_paths=[])
 
 
 # ------------------------------------------------------------------------------------- command line
 def build_parser() -> argparse.ArgumentParser:
     """app.py's options."""
-    p = argparse.ArgumentParser(prog="app.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                description="Local web page: upload a scan, see the segmentation and the report "
-                                            "(research software, not a medical device).")
+    p = Parser(prog="app.py", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+               description="Local web page: upload a scan, see the segmentation and the report "
+                           "(research software, not a medical device).")
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="trained model (python run.py writes it)")
     p.add_argument("--host", default="127.0.0.1", help="address to bind; 127.0.0.1 keeps the page on this computer")
-    p.add_argument("--port", type=int, default=7860, help="port (0 < port < 65536)")
+    add_number(p, "--port", PORT, 7860, "port")
     p.add_argument("--lang", default="zh", choices=LANGS, help="initial page language (switchable on the page)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "mps"), help="auto = cuda > mps > cpu")
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"), help="inference precision")
-    p.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB, help="largest accepted upload")
+    add_number(p, "--max-upload-mb", UPLOAD_MB, MAX_UPLOAD_MB, "largest accepted upload in MB")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link (off by default; "
                    "sends the page through Gradio's servers: never with patient data)")
     return p
 
 
 def _check_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> bool:
-    """Print what is wrong with the options (False) or the warnings they deserve (True)."""
-    if not 0 < args.port < 65536:
-        parser.print_usage(sys.stderr)
-        print(f"app.py: error: --port must be between 1 and 65535 (got {args.port})", file=sys.stderr)
-        return False
-    if args.max_upload_mb <= 0:
-        print("app.py: error: --max-upload-mb must be > 0", file=sys.stderr)
-        return False
+    """Print the warnings the options deserve; False when one is invalid (the parser's ranges refuse numbers
+    before this runs; this also covers a Namespace built in code)."""
+    for flag, rng in (("--port", PORT), ("--max-upload-mb", UPLOAD_MB)):
+        problem = rng.problem(flag, getattr(args, flag[2:].replace("-", "_")))
+        if problem:
+            print(f"app.py: error: {problem}", file=sys.stderr)
+            return False
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding to {args.host}: other computers on the network can open this page", file=sys.stderr)
     if args.share:
@@ -431,6 +475,9 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as exc:
             print(f"app.py: error: cannot serve on {args.host}:{args.port} ({oneline(exc)}); try another --port",
                   file=sys.stderr)
+            return 2
+        except ConfigError as exc:
+            print(f"app.py: error: {oneline(exc)}", file=sys.stderr)
             return 2
         print(f"Open {local_url} in a browser (Ctrl+C to stop).", flush=True)
         if share_url:

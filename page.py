@@ -5,6 +5,9 @@ never raise for user errors. ``app.py`` maps views onto Gradio components. Every
 :mod:`diagnosis`: :func:`diagnosis.diagnose` once per upload (the one forward pass), then
 :func:`diagnosis.with_settings` on the cached probabilities when the threshold or the minimum lesion size
 changes, and :func:`diagnosis.write_case_files` for the downloads (``report.json`` as predict.py writes it).
+The downloads are written by the same request as the result they belong to: a result is shown with a ✓ only
+once its downloads exist; when they cannot be written the result is withdrawn with a ⚠ line. Uploads are
+checked and staged by :mod:`page_upload` (detached headers, DICOMDIR, zips through :mod:`fileio`, safe names).
 
 Research software, not a medical device: never use it for diagnosis.
 """
@@ -20,7 +23,6 @@ import shutil
 import tempfile
 import threading
 import time
-import zipfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -29,9 +31,11 @@ import numpy as np
 
 import data_gen
 import diagnosis
+import fileio
 import medio
+import page_upload
 import report
-from diagnosis import Diagnosis, DiagnosisSettings, case_stem, input_suffix
+from diagnosis import Diagnosis, DiagnosisSettings
 from display import Panels, class_colours, display_image, foreground_probability, render_panels
 from errors import MedSegError, oneline
 from measure import size_unit
@@ -39,9 +43,8 @@ from page_text import page_lang, tr
 
 log = logging.getLogger("app")
 
-MAX_UPLOAD_MB = 200                 # per uploaded file
-MAX_UNPACKED_MB = 2048              # DICOM zips: total uncompressed size
-MAX_VOXELS = 400_000_000            # NIfTI header check before reading (~1.6 GB as float32)
+MAX_UPLOAD_MB = 200                 # per uploaded file (zips: fileio.check_zip bounds what they unpack to)
+MAX_SERIES_CHOICES = 200            # DICOM zips with more series folders are refused, not offered in a list
 DEFAULT_CHECKPOINT = "best_unet.pth"
 TRAIN_HINT_S = 15
 REPORT_PROGRAM = "app.py (predict.py)"  # the report's "software": the page, through predict.py's pipeline
@@ -122,15 +125,20 @@ class Case:
 
 
 class Session:
-    """Per-browser-session state: a private temporary folder and the current case."""
+    """Per-browser-session state: a private temporary folder (``input/``: the staged upload, ``out/``: the
+    downloads), the current case, and the series choice of an uploaded DICOM zip that holds several."""
 
     def __init__(self, root: Path):
+        root.mkdir(parents=True, exist_ok=True)
         self._tmp = tempfile.TemporaryDirectory(prefix="session-", dir=root)
         self.dir = Path(self._tmp.name)
         self.case: Case | None = None
         self.status: tuple[str, str, dict] = ("info", "waiting", {})  # kind, text key, format args
         self.downloads: list[str] = []
         self.size_unit: str | None = None     # unit of the minimum-size slider for the current case
+        self.upload: tuple[Path, str] | None = None  # (staged copy, the name the user knows) of the last upload
+        self.series_choices: list[str] = []    # series folders of that upload when it is a DICOM zip with several
+        self.series: str | None = None         # the one chosen
         self.lock = threading.RLock()          # one request of this session at a time (chained events overlap)
 
     @property
@@ -138,12 +146,15 @@ class Session:
         """False once the folder is gone (tab closed, state expired)."""
         return self.dir.exists()
 
-    def reset(self) -> None:
-        """Forget the current case and delete its files (a new upload replaces it)."""
+    def reset(self, keep_upload: bool = False) -> None:
+        """Forget the current case and delete its files (a new upload replaces it); ``keep_upload`` keeps the
+        staged upload and its series choice (another series of the same zip is about to be analysed)."""
         self.case = None
         self.downloads = []
-        for sub in ("input", "out"):
-            shutil.rmtree(self.dir / sub, ignore_errors=True)
+        shutil.rmtree(self.dir / "out", ignore_errors=True)
+        if not keep_upload:
+            self.upload, self.series_choices, self.series = None, [], None
+            shutil.rmtree(self.dir / "input", ignore_errors=True)
 
     def cleanup(self) -> None:
         """Delete the session folder (idempotent)."""
@@ -209,6 +220,8 @@ class View:
     min_size_max: float = 100.0
     min_size: float | None = None                 # set when the case changes the unit
     ok: bool = True
+    series_choices: list[str] = field(default_factory=list)  # a DICOM zip's series folders: the user chooses
+    series: str | None = None                     # the one analysed
 
 
 def status_box(kind: str, text: str) -> str:
@@ -239,12 +252,15 @@ def _session_locked(method):
 
 
 def _clean_message(exc: BaseException, paths: list[Path], name: str) -> str:
-    """The error message without our temporary folders' paths (the user knows the file by its name)."""
-    msg = oneline(exc)
-    for p in sorted({str(q) for q in paths}, key=len, reverse=True):
-        msg = msg.replace(p, name)
-    if msg.startswith(name + ": "):
-        msg = msg[len(name) + 2:]
+    """The error message without our temporary folders' paths (the user knows the file by its name). Paths are
+    replaced before the message is cut to length, so a long name can never leave half a server path behind."""
+    shown = page_upload.shown_name(name)
+    msg = str(exc)
+    for p in sorted({s for q in paths if q for s in (str(q), fileio.printable(str(q)))}, key=len, reverse=True):
+        msg = msg.replace(p, shown)
+    msg = fileio.printable(oneline(RuntimeError(msg), 400))  # one line, control characters escaped
+    if msg.startswith(shown + ": "):
+        msg = msg[len(shown) + 2:]
     return msg
 
 
@@ -263,6 +279,7 @@ class DemoApp:
         self.max_upload_mb = float(max_upload_mb)
         self._root = tempfile.TemporaryDirectory(prefix="medseg-app-")
         self.root = Path(self._root.name)
+        self.sessions_dir = self.root / "sessions"  # every session's folder: never inside Gradio's (app.py checks)
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()          # model + matplotlib: one at a time (pyplot is not thread-safe)
         self._sessions_lock = threading.Lock()
@@ -313,7 +330,7 @@ class DemoApp:
     # ----------------------------------------------------------------- sessions
     def new_session(self, key: str | None = None) -> Session:
         """A fresh session; with a browser ``key`` it replaces (and deletes) that browser's previous one."""
-        s = Session(self.root)
+        s = Session(self.sessions_dir)
         if key:
             with self._sessions_lock:
                 old = self.sessions.pop(key, None)
@@ -340,10 +357,11 @@ class DemoApp:
             pass
 
     # ----------------------------------------------------------------- status helpers
-    def _error(self, session: Session, key: str, **kw: Any) -> View:
-        session.reset()
+    def _error(self, session: Session, key: str, keep_upload: bool = False, **kw: Any) -> View:
+        session.reset(keep_upload=keep_upload)
         session.status = ("error", key, kw)
-        return View(status=self.status_html(session, kw.get("_lang", "zh")), ok=False)
+        return View(status=self.status_html(session, kw.get("_lang", "zh")), ok=False,
+                    series_choices=session.series_choices, series=session.series)
 
     def status_html(self, session: Session, lang: str) -> str:
         """The session's current status line in ``lang``."""
@@ -351,44 +369,30 @@ class DemoApp:
         kw = {k: v for k, v in kw.items() if k != "_lang"}
         return status_box(kind, tr(key, lang, **kw))
 
-    # ----------------------------------------------------------------- upload checks
     def check_upload(self, path: Path, name: str) -> tuple[str, dict] | None:
-        """A polite reason to refuse the file before reading it (size, type, zip / volume too big), or None."""
-        size_mb = path.stat().st_size / 2 ** 20
-        if size_mb > self.max_upload_mb:
-            return "too_large", {"name": html.escape(name), "mb": size_mb, "limit": f"{self.max_upload_mb:g}"}
-        sfx = input_suffix(Path(name))
-        if sfx not in medio.SUPPORTED_SUFFIXES and not medio.is_dicom_file(path):
-            return "unsupported", {"sfx": html.escape(sfx or name)}
-        if sfx == ".zip" and zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as zf:
-                infos = zf.infolist()
-                if any(i.flag_bits & 0x1 for i in infos):
-                    return "encrypted", {}
-                total = sum(i.file_size for i in infos) / 2 ** 20
-                if total > MAX_UNPACKED_MB:
-                    return "unpacked_large", {"mb": total, "limit": MAX_UNPACKED_MB}
-        if sfx in (".nii", ".nii.gz"):
-            try:
-                import nibabel as nib
-
-                shape = nib.load(str(path)).shape
-            except Exception:  # noqa: BLE001 - medio.read_image gives the proper message for a corrupt file
-                return None
-            if math.prod(int(s) for s in shape) > MAX_VOXELS:
-                return "too_many_voxels", {"shape": " × ".join(map(str, shape))}
-        return None
+        """A polite reason to refuse the file before any reader opens it (:func:`page_upload.refusal`), or None."""
+        return page_upload.refusal(path, name, self.max_upload_mb)
 
     # ----------------------------------------------------------------- handlers
     @_session_locked
     def analyse_upload(self, session: Session, file_path: str | os.PathLike | None, lang: str, threshold: float,
                        min_size: float) -> View:
-        """A user's upload: copy it into the session folder, check it, predict once, analyse, render."""
+        """A user's upload: check it, copy it into the session folder, predict once, analyse, write the downloads."""
         lang = page_lang(lang)
         if not file_path:
             return self._error(session, "empty_upload", _lang=lang)
         src = Path(file_path)
-        return self._analyse(session, src, src.name, lang, threshold, min_size, copy=True)
+        return self._analyse(session, src, src.name, lang, threshold, min_size, upload=True)
+
+    @_session_locked
+    def analyse_series(self, session: Session, series: str | None, lang: str, threshold: float,
+                       min_size: float) -> View:
+        """The user chose one series of the DICOM zip uploaded last: analyse that one."""
+        lang = page_lang(lang)
+        if session.upload is None or series not in session.series_choices:
+            return View(status=self.status_html(session, lang), ok=False, series_choices=session.series_choices)
+        staged, name = session.upload
+        return self._analyse(session, staged, name, lang, threshold, min_size, series=series)
 
     @_session_locked
     def analyse_example(self, session: Session, example: str | None, lang: str, threshold: float,
@@ -398,58 +402,93 @@ class DemoApp:
         ex = next((e for e in self.examples if e.name == example), None)
         if ex is None:
             return self._error(session, "pick_example", _lang=lang)
-        return self._analyse(session, ex.path, ex.name, lang, threshold, min_size, copy=False)
+        return self._analyse(session, ex.path, ex.name, lang, threshold, min_size)
 
-    def _analyse(self, session: Session, src: Path, name: str, lang: str, threshold: float, min_size: float,
-                 copy: bool) -> View:
-        safe = html.escape(name)
-        session.reset()
+    def _analyse(self, session: Session, src: Path, name: str, lang: str, threshold: float, min_size: float, *,
+                 upload: bool = False, series: str | None = None) -> View:
+        """Check / stage the input, then :meth:`_analyse_target`; every failure becomes a ⚠ status, and the
+        session keeps no half result (a case is shown only with its downloads written)."""
+        shown, again = html.escape(page_upload.shown_name(name)), series is not None
+        session.reset(keep_upload=again)
         if self.bundle is None:
             key, kw = self.model_problem or ("no_model", {"path": DEFAULT_CHECKPOINT})
             session.status = ("error", key, {**kw, "s": TRAIN_HINT_S, "_lang": lang})
             return View(status=self.status_html(session, lang), ok=False)
+        hidden = [src, session.dir]  # server paths: never shown to the user
         try:
-            if not src.is_file():
-                return self._error(session, "empty_upload", _lang=lang)
-            refusal = self.check_upload(src, name)
-            if refusal:
-                return self._error(session, refusal[0], _lang=lang, **refusal[1])
             path = src
-            if copy:
-                (session.dir / "input").mkdir(parents=True, exist_ok=True)
-                path = session.dir / "input" / name
-                shutil.copyfile(src, path)
-            max_size = self._new_case(session, path, name, float(threshold), float(min_size or 0))
-            meta = session.case.diagnosis.meta
-            what = f"{meta.format.upper()}, {' × '.join(map(str, meta.shape))}"
-            session.status = ("ok", "ok", {"name": safe, "what": html.escape(what),
-                                           "t": session.case.diagnosis.t_predict, "_lang": lang})
-            view = self._view(session, lang)
-            view.min_size_max, view.min_size = max_size, session.case.diagnosis.settings.min_lesion_size
-            return view
+            if upload:
+                fileio.require_regular_file(src)  # a FIFO, device or folder: refused by stat, never opened
+                refused = page_upload.refusal(src, name, self.max_upload_mb)
+                if refused:  # its fields may quote the file name: escaped like every text shown
+                    fields = {k: html.escape(v) if isinstance(v, str) else v for k, v in refused[1].items()}
+                    return self._error(session, refused[0], name=shown, _lang=lang, **fields)
+                path = page_upload.stage(src, name, session.dir / "input")
+                session.upload = (path, name)
+            hidden.append(path)
+            target = page_upload.Target(path, session.series_choices) if again else page_upload.prepare(path)
+            hidden.append(target.unpacked)
+            if len(target.series) > 1 and not again:
+                return self._choose_series(session, shown, target.series, lang)
+            return self._analyse_target(session, target.path, name, lang, float(threshold), float(min_size or 0),
+                                        series)
         except MedSegError as exc:
-            msg = html.escape(_clean_message(exc, [src, session.dir / "input" / name], name))
+            msg = html.escape(_clean_message(exc, hidden, name))
             if "cannot read" in msg:
                 msg += " " + tr("corrupt_hint", lang)
-            return self._error(session, "cannot", name=safe, msg=msg, _lang=lang)
+            if "names the data file" in msg:
+                msg += " " + tr("header_hint", lang)
+            return self._error(session, "cannot", keep_upload=again, name=shown, msg=msg, _lang=lang)
         except MemoryError:
-            return self._error(session, "too_many_voxels", shape=safe, _lang=lang)
+            return self._error(session, "too_big", keep_upload=again, name=shown, _lang=lang)
         except Exception as exc:
-            log.exception("unexpected error on %s", name)
-            msg = f"{type(exc).__name__}: {_clean_message(exc, [src, session.dir / 'input' / name], name)}"
-            return self._error(session, "unexpected", name=safe, msg=html.escape(msg), _lang=lang)
+            log.exception("unexpected error on %s", fileio.printable(name))
+            msg = f"{type(exc).__name__}: {_clean_message(exc, hidden, name)}"
+            return self._error(session, "unexpected", keep_upload=again, name=shown, msg=html.escape(msg), _lang=lang)
 
-    def _new_case(self, session: Session, path: Path, name: str, threshold: float, min_size: float) -> float:
+    def _choose_series(self, session: Session, shown: str, choices: list[str], lang: str) -> View:
+        """An uploaded DICOM zip holds several series folders: list them and let the user choose one."""
+        if len(choices) > MAX_SERIES_CHOICES:
+            return self._error(session, "too_many_series", name=shown, n=len(choices), limit=MAX_SERIES_CHOICES,
+                               _lang=lang)
+        session.series_choices = choices
+        listed = ", ".join(f"{fileio.printable(c)}/" for c in choices[:8]) + (" …" if len(choices) > 8 else "")
+        session.status = ("info", "several_series", {"name": shown, "n": len(choices), "list": html.escape(listed),
+                                                     "_lang": lang})
+        return View(status=self.status_html(session, lang), ok=False, series_choices=choices)
+
+    def _analyse_target(self, session: Session, path: Path, name: str, lang: str, threshold: float,
+                        min_size: float, series: str | None) -> View:
+        """Read, predict and measure ``path``, write its downloads, and show it (the ✓ status only once the
+        downloads exist)."""
+        max_size = self._new_case(session, path, name, threshold, min_size, series)
+        session.series = series
+        failed = self._try_downloads(session, lang)
+        if failed is not None:
+            return failed
+        meta = session.case.diagnosis.meta
+        what = f"{meta.format.upper()}, {' × '.join(map(str, meta.shape))}" + (f", {series}/" if series else "")
+        session.status = ("ok", "ok", {"name": html.escape(page_upload.shown_name(name)), "what": html.escape(what),
+                                       "t": session.case.diagnosis.t_predict, "_lang": lang})
+        view = self._view(session, lang)
+        view.min_size_max, view.min_size = max_size, session.case.diagnosis.settings.min_lesion_size
+        return view
+
+    def _new_case(self, session: Session, path: Path, name: str, threshold: float, min_size: float,
+                  series: str | None = None) -> float:
         """Read, predict (once) and measure ``path`` into ``session.case``; returns the size slider's maximum."""
         t0 = time.perf_counter()
-        image, meta = medio.read_image(path)
+        image, meta = medio.read_image(path, series=series)
         t_read = time.perf_counter() - t0
         unit = size_unit(meta)[0]
         max_size, min_size = self._size_slider(meta, min_size, session.size_unit)
         settings = DiagnosisSettings(threshold=threshold, min_lesion_size=min_size)
+        stem = page_upload.safe_stem(name) if series is None else \
+            page_upload.safe_stem(f"{page_upload.safe_stem(name)}_{series.rsplit('/', 1)[-1]}")
+        shown = name if series is None else f"{name} ({series}/)"
         with self._lock:  # the one forward pass of this case; later changes re-use its probabilities
-            diag = diagnosis.diagnose(self.bundle, image, meta, settings, case=case_stem(Path(name)), path=path,
-                                      shown_path=name, t_read=t_read)
+            diag = diagnosis.diagnose(self.bundle, image, meta, settings, case=stem, path=path, shown_path=shown,
+                                      t_read=t_read)
         session.size_unit = unit
         case = Case(name=name, diagnosis=diag, disp=display_image(image, meta, self.bundle.prep, as_model_sees=True),
                     fg=foreground_probability(diag.probs, diag.roles, meta.shape))
@@ -461,24 +500,28 @@ class DemoApp:
 
     @_session_locked
     def update_settings(self, session: Session, lang: str, threshold: float, min_size: float) -> View:
-        """Threshold / minimum size changed: post-process the cached probabilities again (no inference)."""
+        """Threshold / minimum size changed: post-process the cached probabilities again (no inference) and
+        re-write the downloads."""
         lang = page_lang(lang)
         case = session.case
         if case is None:
-            return View(status=self.status_html(session, lang), ok=False)
+            return View(status=self.status_html(session, lang), ok=False, series_choices=session.series_choices)
         try:
             t0 = time.perf_counter()
             settings = replace(case.diagnosis.settings, threshold=float(threshold),
                                min_lesion_size=max(0.0, float(min_size or 0)))
             case.diagnosis = diagnosis.with_settings(self.bundle, case.diagnosis, settings)
-            size = f"{settings.min_lesion_size:g} {self._unit(case, lang)}"
-            session.status = ("ok", "ok_update", {"thr": f"{settings.threshold:.2f}", "size": size,
-                                                  "t": 1000 * (time.perf_counter() - t0), "_lang": lang})
-            return self._view(session, lang)
         except Exception as exc:
             log.exception("post-processing failed")
-            return self._error(session, "unexpected", name=html.escape(case.name), msg=html.escape(oneline(exc)),
-                               _lang=lang)
+            return self._error(session, "unexpected", name=html.escape(page_upload.shown_name(case.name)),
+                               msg=html.escape(oneline(exc)), _lang=lang)
+        failed = self._try_downloads(session, lang)
+        if failed is not None:
+            return failed
+        size = f"{settings.min_lesion_size:g} {self._unit(case, lang)}"
+        session.status = ("ok", "ok_update", {"thr": f"{settings.threshold:.2f}", "size": size,
+                                              "t": 1000 * (time.perf_counter() - t0), "_lang": lang})
+        return self._view(session, lang)
 
     @_session_locked
     def show_slice(self, session: Session, z: int) -> Panels | None:
@@ -492,31 +535,40 @@ class DemoApp:
 
     @_session_locked
     def refresh(self, session: Session, lang: str) -> View:
-        """Re-render everything (e.g. after a language change) from the session's state."""
+        """Re-render everything in ``lang`` (a language change) from the session's state; the downloads (the
+        report's language) are written again."""
         lang = page_lang(lang)
         if session.case is None:
-            return View(status=self.status_html(session, lang), ok=False)
-        return self._view(session, lang)
+            return View(status=self.status_html(session, lang), ok=False, series_choices=session.series_choices,
+                        series=session.series)
+        failed = self._try_downloads(session, lang)
+        return failed if failed is not None else self._view(session, lang)
 
     @_session_locked
     def write_downloads(self, session: Session, lang: str) -> list[str]:
-        """Mask, report.html and report.json of the current result in the session folder (paths)."""
-        lang = page_lang(lang)
-        case = session.case
-        if case is None or not session.alive:
+        """Write mask, report.html and report.json of the current result into the session folder again and return
+        their paths; on failure the result is withdrawn with a ⚠ status (never a result without its downloads)."""
+        if session.case is None or not session.alive:
             session.downloads = []
             return []
+        self._try_downloads(session, page_lang(lang))
+        return session.downloads
+
+    # ----------------------------------------------------------------- internals
+    def _try_downloads(self, session: Session, lang: str) -> View | None:
+        """Write the current result's downloads; None when they are written, else the ⚠ view (result withdrawn)."""
+        case = session.case
         try:
             with self._lock:
                 files = self._write_files(session, case, lang)
             session.downloads = [str(p) for p in files]
+            return None
         except Exception as exc:
             log.exception("writing downloads failed")
-            session.status = ("error", "dl_failed", {"msg": html.escape(oneline(exc)), "_lang": lang})
-            session.downloads = []
-        return session.downloads
+            msg = html.escape(_clean_message(exc, [session.dir], "…"))
+            return self._error(session, "dl_failed", keep_upload=bool(session.series),
+                               name=html.escape(page_upload.shown_name(case.name)), msg=msg, _lang=lang)
 
-    # ----------------------------------------------------------------- internals
     def _write_files(self, session: Session, case: Case, lang: str) -> list[Path]:
         """``<stem>_mask.png|.nii.gz``, ``<stem>_report.html`` and ``<stem>_report.json``: only the current
         result's files stay in the session's download folder."""
@@ -559,7 +611,7 @@ class DemoApp:
         warn = "".join(f'<div class="medseg-warn">⚠ {html.escape(w)}</div>' for w in warnings)
         spacing = (" × ".join(f"{v:.3g}" for v in meta.spacing) + " mm") if meta.spacing_known else \
             report.t("spacing_unknown", lang)
-        facts = (f"{html.escape(case.name)} · {meta.format.upper()} · {' × '.join(map(str, meta.shape))}"
+        facts = (f"{html.escape(page_upload.shown_name(case.name))} · {meta.format.upper()} · {' × '.join(map(str, meta.shape))}"
                  f"{' × 3' if rgb else ''} · {html.escape(spacing)} · {tr('cached', lang, t=diag.t_predict)}")
         return (f'<div class="medseg-findings" id="findings-text">{html.escape(findings)}</div>'
                 f'<div class="medseg-facts">{facts}'
@@ -572,4 +624,5 @@ class DemoApp:
         return View(status=self.status_html(session, lang), panels=case.panels(),
                     findings=self._findings_html(case, lang), headers=headers, rows=rows,
                     n_slices=case.diagnosis.meta.shape[0] if case.is_volume else 0, z=case.z,
-                    min_size_unit=self._unit(case, lang))
+                    min_size_unit=self._unit(case, lang), series_choices=session.series_choices,
+                    series=session.series)

@@ -22,6 +22,7 @@ import app
 import data_gen
 import diagnosis
 import display
+import fileio
 import page
 import report
 from diagnosis import DiagnosisSettings
@@ -161,8 +162,9 @@ def test_volume_example_slices_and_nifti_mask(demo_app):
     s.cleanup()
 
 
-def dicom_zip(path: Path, vol: np.ndarray, spacing=(0.8, 0.8), gap=1.5) -> Path:
-    """A DICOM series of 8-bit values (one file per slice) in a zip, as a scanner export would be sent."""
+def dicom_zip(path: Path, vol: np.ndarray, spacing=(0.8, 0.8), gap=1.5, folder: str = "series", mode: str = "w") -> Path:
+    """A DICOM series of 8-bit values (one file per slice) in a zip, as a scanner export would be sent; ``folder``
+    names its folder in the zip, ``mode="a"`` adds it to an existing zip (a study of several series)."""
     import io
     import zipfile
 
@@ -170,7 +172,7 @@ def dicom_zip(path: Path, vol: np.ndarray, spacing=(0.8, 0.8), gap=1.5) -> Path:
     from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
     series = generate_uid()
-    with zipfile.ZipFile(path, "w") as zf:
+    with zipfile.ZipFile(path, mode) as zf:
         for k, plane in enumerate(vol):
             fm = FileMetaDataset()
             fm.MediaStorageSOPClassUID, fm.MediaStorageSOPInstanceUID = SecondaryCaptureImageStorage, generate_uid()
@@ -188,7 +190,7 @@ def dicom_zip(path: Path, vol: np.ndarray, spacing=(0.8, 0.8), gap=1.5) -> Path:
             ds.PixelData = plane.astype(np.uint16).tobytes()
             buf = io.BytesIO()
             ds.save_as(buf, enforce_file_format=True)
-            zf.writestr(f"series/IM{k:03d}.dcm", buf.getvalue())
+            zf.writestr(f"{folder}/IM{k:03d}.dcm", buf.getvalue())
     return path
 
 
@@ -211,9 +213,9 @@ def test_jpeg_tiff_and_dicom_zip_uploads(demo_app, tmp_path, monkeypatch):
     rep = json.loads(files[2].read_text(encoding="utf-8"))
     assert rep["input"]["format"] == "dicom" and rep["input"]["patient"]["id"] == "D001"
 
-    monkeypatch.setattr(page, "MAX_UNPACKED_MB", 1e-3)
+    monkeypatch.setattr(fileio, "MAX_UNPACKED_BYTES", 1000)  # the one zip limit, shared with predict.py
     v = demo_app.analyse_upload(s, z, "en", 0.5, 0)
-    assert not v.ok and "unpacks to" in v.status
+    assert not v.ok and "would unpack to" in v.status and "1000 bytes allowed" in v.status
     s.cleanup()
 
 
@@ -358,6 +360,27 @@ def test_page_in_headless_chromium(ckpt, tmp_path, monkeypatch):
                 page.wait_for_selector("#status .medseg-error")
                 assert "Could not analyse corrupt.png" in page.inner_text("#status")
                 page.wait_for_selector("#overlay-image img", state="detached")
+
+                # a header naming /etc/passwd as its data: refused, visibly
+                mhd = tmp_path / "scan.mhd"
+                mhd.write_text("ObjectType = Image\nNDims = 3\nDimSize = 2 2 2\nElementType = MET_UCHAR\n"
+                               "ElementDataFile = /etc/passwd\n")
+                page.click("#upload button[aria-label='Clear']")  # the refused file still fills the box
+                page.set_input_files("#upload input[type=file]", str(mhd))
+                page.wait_for_function("document.querySelector('#status').innerText.includes('scan.mhd')")
+                assert "⚠" in page.inner_text("#status") and "separate file" in page.inner_text("#status")
+
+                # a DICOM zip of two series: the page offers the choice, then analyses the one chosen
+                vol = np.round(data_gen.synthetic_volume(32, seed=4, n_slices=4) * 255)
+                study = dicom_zip(dicom_zip(tmp_path / "study.zip", vol, folder="a"), vol[:3], folder="b", mode="a")
+                page.click("#upload button[aria-label='Clear']")
+                page.set_input_files("#upload input[type=file]", str(study))
+                page.wait_for_function("document.querySelector('#status').innerText.includes('2 DICOM series')")
+                page.click("#series input")
+                page.get_by_role("option", name="b/").click()
+                page.wait_for_selector("#status .medseg-ok")
+                assert "b/" in page.inner_text("#status")
+                page.wait_for_function("document.querySelector('#downloads').innerText.includes('study_b_mask')")
 
                 # ... and the page still works
                 page.click("#example-btn")
