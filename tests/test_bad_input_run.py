@@ -219,11 +219,10 @@ RUN_CASES = [
                  id="dataset_json_not_json"),
     ("multichannel_missing_channel_file", _data(missing_channel), "channel file(s) c1_0001 missing (expected 2"),
     pytest.param("dim3_on_2d_images", _data(png_pairs, "--dim", "3"), "--dim 3 needs volumes, this image is 2D",
-                 marks=pytest.mark.xfail(strict=False, reason=(  # not strict: the committed code passes it
-                     "regression in the uncommitted planning work: plan.plan_dataset (plan.py:121) keeps the user's "
-                     "--dim 3 and indexes three axes of 2D shapes (IndexError traceback) before "
-                     "experiments.volume_geometry can refuse; fix: in plan_dataset / planning.plan_run, refuse user "
-                     "dim 3 when not fp.is_volume with the volume_geometry message")),
+                 marks=_xfail("regression from the planning work (dda9d28): plan.plan_dataset (plan.py:121) keeps "
+                              "the user's --dim 3 and indexes three axes of 2D shapes (IndexError traceback) before "
+                              "experiments.volume_geometry can refuse; fix: in plan_dataset / planning.plan_run, "
+                              "refuse user dim 3 when not fp.is_volume with the volume_geometry message"),
                  id="dim3_on_2d_images"),
     pytest.param("in_channels_3_on_grey_images", _data(png_pairs, "--in-channels", "3"), "case0.png", marks=_xfail(
         "bug: preprocess.to_planes (preprocess.py:233) raises 'the image has 1 channels but the model takes 3' "
