@@ -125,7 +125,7 @@ def _read(path: Path) -> Any:
                               f"{type(exc).__name__}; expected a .pth written by run.py)") from None
 
 
-def _schema_problem(ckpt: Any) -> str | None:
+def schema_problem(ckpt: Any) -> str | None:
     """What is wrong with a loaded checkpoint's structure (None when it is a valid medseg checkpoint)."""
     if not isinstance(ckpt, dict):
         return f"expected a checkpoint of format {CHECKPOINT_FORMAT!r}, found a {type(ckpt).__name__}"
@@ -164,7 +164,7 @@ def load_checkpoint(path: str | os.PathLike, device: torch.device | str = "cpu")
     """
     path = Path(path)
     ckpt = _read(path)
-    problem = _schema_problem(ckpt)
+    problem = schema_problem(ckpt)
     if problem:
         raise CheckpointError(f"{path}: not a usable medseg checkpoint: {problem}")
     try:

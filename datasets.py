@@ -386,7 +386,32 @@ def split_cases(refs: list[CaseRef], val_fraction: float, test_fraction: float, 
 
 
 # ------------------------------------------------------------------------------- patch sampling
-class PatchDataset(Dataset):
+class _Patches(Dataset):
+    """What both patch samplers share: ``length`` crops per epoch, each decided by (seed, epoch, index) alone, fetched
+    a batch at a time. Subclasses implement ``_crop(i) -> (image crop, label crop)``."""
+
+    length: int
+    epoch: int
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _crop(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        raise NotImplementedError
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self._crop(i)
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        crops = [self._crop(i) for i in idx]
+        return (torch.from_numpy(np.stack([c[0] for c in crops])), torch.from_numpy(np.stack([c[1] for c in crops])))
+
+
+class PatchDataset(_Patches):
     """Random ``patch`` x ``patch`` crops of 2D planes, foreground-oversampled, deterministic per (seed, epoch, index).
 
     With probability ``fg_prob`` a crop is centred on a random foreground pixel of a random plane that
@@ -406,11 +431,6 @@ class PatchDataset(Dataset):
         self.fg_planes = [i for i, y in enumerate(self.labels) if y.any()]
         self.fg_coords = {i: np.flatnonzero(self.labels[i]) for i in self.fg_planes}
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
 
     def _crop(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng((self.seed, self.epoch, i))
@@ -426,14 +446,6 @@ class PatchDataset(Dataset):
             h, w = self.labels[k].shape
             y0, x0 = int(rng.integers(0, h - p + 1)), int(rng.integers(0, w - p + 1))
         return self.planes[k][:, y0:y0 + p, x0:x0 + p], self.labels[k][y0:y0 + p, x0:x0 + p]
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self._crop(i)
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
-
-    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        crops = [self._crop(i) for i in idx]
-        return (torch.from_numpy(np.stack([c[0] for c in crops])), torch.from_numpy(np.stack([c[1] for c in crops])))
 
 
 def _pad_np(x: np.ndarray, patch: int, value: float) -> tuple[np.ndarray, tuple[int, int]]:
@@ -462,7 +474,7 @@ def training_planes(cases: list[LoadedCase], prep: Preprocessing) -> tuple[list[
     return planes, labels, pads
 
 
-class PatchDataset3D(Dataset):
+class PatchDataset3D(_Patches):
     """Random 3D patches of prepared volumes, deterministic per (seed, epoch, index).
 
     With probability ``fg_prob`` a patch is centred (with a jitter of a quarter patch) on a voxel of a class drawn
@@ -491,11 +503,6 @@ class PatchDataset3D(Dataset):
                         idx = rng.choice(idx, self.MAX_COORDS, replace=False)
                     self.coords.setdefault(k, []).append((i, idx))
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
 
     def _crop(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         rng = np.random.default_rng((self.seed, self.epoch, i))
@@ -514,10 +521,4 @@ class PatchDataset3D(Dataset):
         box = tuple(slice(s, s + n) for s, n in zip(start, p))
         return self.volumes[case][(slice(None), *box)], self.labels[case][box]
 
-    def __getitems__(self, idx: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        crops = [self._crop(i) for i in idx]
-        return (torch.from_numpy(np.stack([c[0] for c in crops])), torch.from_numpy(np.stack([c[1] for c in crops])))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self._crop(i)
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))

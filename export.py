@@ -44,10 +44,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from checkpoint import CHECKPOINT_FORMAT, _schema_problem, load_checkpoint, preprocessing_of
+from checkpoint import CHECKPOINT_FORMAT, schema_problem, load_checkpoint, preprocessing_of
 from errors import CheckpointError, ConfigError, InputError, MedSegError, oneline
 from fileio import GiB, atomic_write, file_problem, format_bytes, json_safe, open_regular, printable, resolve_inside
-from model import UNet, UNetArgs, fold_batchnorm, pool_factors
+from model import UNet, UNetArgs, check_input, fold_batchnorm, pool_factors
 
 ONNX_FORMAT = "medseg-onnx/1"
 PREFIX = "medseg."
@@ -321,7 +321,7 @@ def _decode_info(proto: Any, path: Path) -> dict:
     for key in ("config", "metrics", "preprocessing", "postprocessing"):
         if key in info and not isinstance(info[key], dict):
             raise CheckpointError(f"{path}: metadata medseg.{key} is a {type(info[key]).__name__}, expected a dict")
-    problem = _schema_problem({**info, "format": CHECKPOINT_FORMAT, "state_dict": {}})
+    problem = schema_problem({**info, "format": CHECKPOINT_FORMAT, "state_dict": {}})
     if problem:
         raise CheckpointError(f"{path}: not a usable medseg ONNX model: {problem}")
     if "preprocessing" in info:
@@ -411,12 +411,7 @@ class OnnxNet(nn.Module):
         return asdict(self.args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dim, channels = self.args.dim, self.args.n_channels
-        if x.dim() != dim + 2 or x.size(1) != channels:
-            axes = "H, W" if dim == 2 else "D, H, W"
-            raise ValueError(f"expected input of shape (N, {channels}, {axes}), got {tuple(x.shape)}")
-        if any(s < m for s, m in zip(x.shape[2:], self.min_size)):
-            raise ValueError(f"input size must be >= {self.min_size} per axis, got {tuple(x.shape[2:])}")
+        check_input(x, self.args, self.min_size)
         a = x.detach().to("cpu", torch.float32).contiguous().numpy()  # channels_last -> NCHW
         out = self.session.run(None, {self.input_name: a})[0]
         return torch.from_numpy(np.ascontiguousarray(out, dtype=np.float32)).to(x.device)

@@ -203,12 +203,7 @@ class UNet(nn.Module):
         return asdict(self.args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dim, channels = self.args.dim, self.args.n_channels
-        if x.dim() != dim + 2 or x.size(1) != channels:
-            axes = "H, W" if dim == 2 else "D, H, W"
-            raise ValueError(f"expected input of shape (N, {channels}, {axes}), got {tuple(x.shape)}")
-        if any(s < m for s, m in zip(x.shape[2:], self.min_size)):
-            raise ValueError(f"input size must be >= {self.min_size} per axis, got {tuple(x.shape[2:])}")
+        check_input(x, self.args, self.min_size)
         x1 = self.inc(x)
         x2 = self.down1(x1)
         x3 = self.down2(x2)
@@ -219,6 +214,16 @@ class UNet(nn.Module):
         x = self.up3(x, x2)
         x = self.up4(x, x1)
         return self.outc(x)
+
+
+def check_input(x: torch.Tensor, args: UNetArgs, min_size: tuple[int, ...]) -> None:
+    """Raise ``ValueError`` unless ``x`` is (N, channels, *spatial) of the network's dimension and at least
+    ``min_size`` per axis (what every pooling level needs)."""
+    if x.dim() != args.dim + 2 or x.size(1) != args.n_channels:
+        axes = "H, W" if args.dim == 2 else "D, H, W"
+        raise ValueError(f"expected input of shape (N, {args.n_channels}, {axes}), got {tuple(x.shape)}")
+    if any(s < m for s, m in zip(x.shape[2:], min_size)):
+        raise ValueError(f"input size must be >= {min_size} per axis, got {tuple(x.shape[2:])}")
 
 
 def count_parameters(model: nn.Module) -> int:
