@@ -16,6 +16,7 @@ import numpy as np
 
 import medio
 import report
+from errors import InputError
 from preprocess import WINDOW_PRESETS, Preprocessing
 
 if TYPE_CHECKING:  # annotations only: diagnosis imports this module
@@ -43,23 +44,40 @@ def class_colours(roles: list[str], rgb_image: bool = False) -> list[str]:
     return out
 
 
+def scan_channels(prep: Preprocessing) -> int:
+    """How many separate scans (channels, e.g. MRI sequences) one case of this model has: ``prep.in_channels`` for
+    a multi-channel model, 1 for a grey or colour-picture model (grey and RGB are converted to what it takes)."""
+    return prep.in_channels if prep.channels or prep.in_channels not in (1, 3) else 1
+
+
 def display_image(image: np.ndarray, meta: medio.ImageMeta, prep: Preprocessing, *,
-                  as_model_sees: bool = False) -> np.ndarray:
+                  as_model_sees: bool = False, channel: int = 0) -> np.ndarray:
     """The image scaled to [0, 1] for display: a CT window for CT (the model's, else abdomen 40/400 HU),
     colour photographs / 255, anything else a 0.5-99.5 % percentile stretch.
 
     ``as_model_sees``: 8-bit images of a model trained on 8-bit images (``unit`` normalisation) / 255, as the
     network sees them (the page shows this, so its probability map lines up with what the user sees).
+    ``channel``: the scan shown of a multi-channel case (one channel at a time; a colour picture stays colour).
     """
     x = np.asarray(image, np.float32)
+    shown = 0
+    if x.ndim == len(meta.shape) + 1 and (x.shape[-1] != 3 or scan_channels(prep) > 1):
+        if not 0 <= channel < x.shape[-1]:
+            raise InputError(f"{meta.path}: --display-channel {channel}, but the image has {x.shape[-1]} channels "
+                             f"(expected 0..{x.shape[-1] - 1})")
+        x, shown = x[..., channel], channel
+    # the shown channel's own normalisation (per-channel models) decides whether it is shown through a CT window
+    spec = prep.channels[shown] if prep.channels and shown < len(prep.channels) else \
+        {"normalization": prep.normalization, "window": prep.window}
+    window = (spec.get("window") or WINDOW_PRESETS["abdomen"]) if spec.get("normalization") == "window" else None
     if as_model_sees and prep.normalization == "unit" and x.min() >= 0 and x.max() <= 255:
         return x / 255.0
     rgb = x.ndim == len(meta.shape) + 1
     if rgb and x.max() <= 255 and x.min() >= 0:
         return np.clip(x / 255.0, 0, 1)
-    ct = prep.normalization == "window" or str(meta.extra.get("modality") or "").upper() == "CT"
+    ct = window is not None or (str(meta.extra.get("modality") or "").upper() == "CT" and not prep.channels)
     if ct and not rgb and meta.format not in RASTER_FORMATS:  # HU: the model's window, else soft tissue 40/400
-        level, width = prep.window if prep.normalization == "window" and prep.window else WINDOW_PRESETS["abdomen"]
+        level, width = window or WINDOW_PRESETS["abdomen"]
         return np.clip((x - (level - width / 2)) / width, 0, 1)
     sample = x.ravel()[:: max(1, x.size // 2_000_000)]  # percentiles of a large volume: a sample is enough
     lo, hi = np.percentile(sample, [0.5, 99.5])
@@ -211,8 +229,10 @@ def _figure_3d(disp: np.ndarray, meta: medio.ImageMeta, labels: np.ndarray, id_m
 
 def render_overlay(image: np.ndarray, meta: medio.ImageMeta, labels: np.ndarray, id_map: np.ndarray,
                    lesions: list[dict], roles: list[str], prep: Preprocessing, lang: str = "zh",
-                   max_montage: int = 12) -> bytes:
-    """PNG bytes of the report's overlay figure (2D: image | overlay; 3D: largest-lesion slice + montage)."""
+                   max_montage: int = 12, channel: int = 0) -> bytes:
+    """PNG bytes of the report's overlay figure (2D: image | overlay; 3D: largest-lesion slice + montage);
+    ``labels`` one class per voxel (a region model's innermost region), ``channel`` the scan shown of a
+    multi-channel case."""
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
@@ -220,7 +240,7 @@ def render_overlay(image: np.ndarray, meta: medio.ImageMeta, labels: np.ndarray,
 
     visualize.setup_chinese_font()
     zh = lang == "zh"
-    disp = display_image(image, meta, prep)
+    disp = display_image(image, meta, prep, channel=channel)
     colours = class_colours(roles, rgb_image=disp.ndim == len(meta.shape) + 1)
     if len(meta.shape) == 3:
         fig = _figure_3d(disp, meta, labels, id_map, lesions, roles, colours, zh, max_montage)
@@ -248,10 +268,14 @@ class Panels:
 
 
 def foreground_probability(probs: np.ndarray, roles: list[str], shape: tuple[int, ...]) -> np.ndarray:
-    """The probability the page shows, in the input's spatial ``shape``: the sigmoid output, or the summed
-    lesion classes (else 1 - background) of a multi-class model."""
+    """The probability the page shows, in the input's spatial ``shape``: the sigmoid output, the summed
+    lesion classes (else 1 - background) of a multi-class model, or the most probable lesion region (else any
+    region) of a region model (one sigmoid per class, no background channel)."""
     if probs.shape[1] == 1:
         p = probs[:, 0]
+    elif probs.shape[1] == len(roles):  # regions: nested sigmoids, so their maximum, never their sum
+        ks = [k - 1 for k, r in enumerate(roles, 1) if r == "lesion"] or list(range(len(roles)))
+        p = probs[:, ks].max(1)
     else:
         ks = [k for k, r in enumerate(roles, 1) if r == "lesion"]
         p = probs[:, ks].sum(1) if ks else 1.0 - probs[:, 0]
@@ -382,6 +406,7 @@ def render_panels(diag: Diagnosis, disp: np.ndarray, fg: np.ndarray, z: int = 0)
     grey = np.round(np.clip(disp, 0, 1) * 255).astype(np.uint8)
     base = _resize(grey if grey.ndim == 3 else np.repeat(grey[..., None], 3, -1), size, nearest=False)
     overlay = _overlay_panel(base, lab, ids, class_colours(diag.roles, rgb_image=disp.ndim == 3), size)
-    single = diag.probs.shape[1] == 1  # sigmoid model: a threshold line; argmax models have none
+    # sigmoid models (one class, or one per region): a threshold line; argmax models have none
+    single = diag.probs.shape[1] in (1, len(diag.roles))
     return Panels(input=base, overlay=overlay,
                   probability=_probability_panel(fg, size, diag.settings.threshold if single else None))

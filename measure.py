@@ -19,7 +19,7 @@ from scipy import ndimage
 
 import medio
 from errors import InputError
-from preprocess import Preprocessing
+from preprocess import Preprocessing, class_mask, regions_to_labels
 from roles import check_roles, class_roles
 
 
@@ -30,12 +30,34 @@ def size_unit(meta: medio.ImageMeta) -> tuple[str, float]:
     return ("mm²", float(medio.pixel_area_mm2(meta))) if meta.spacing_known else ("px", 1.0)
 
 
-def class_probability(probs: np.ndarray | None, k: int, shape: tuple[int, ...]) -> np.ndarray | None:
-    """Probability map of class ``k`` (1-based) in the input's spatial ``shape``."""
+def class_probability(probs: np.ndarray | None, k: int, shape: tuple[int, ...],
+                      regions: bool = False) -> np.ndarray | None:
+    """Probability map of class ``k`` (1-based) in the input's spatial ``shape`` (``regions``: region ``k``'s own
+    sigmoid; region models have no background channel)."""
     if probs is None:
         return None
-    p = probs[:, 0] if probs.shape[1] == 1 else probs[:, k]
+    p = probs[:, 0] if probs.shape[1] == 1 else probs[:, k - 1 if regions else k]
     return p.reshape(shape)
+
+
+def mean_foreground_probability(labels: np.ndarray, probs: np.ndarray | None, regions: bool = False) -> float | None:
+    """Mean, over the segmented voxels, of the probability of the class each voxel was given (a region model: of
+    the innermost region holding it); None without probabilities or when nothing is segmented. ``labels``:
+    classes, or region bit masks with ``regions``."""
+    if probs is None:
+        return None
+    lab = np.asarray(labels).reshape(probs.shape[0], *probs.shape[2:])  # 2D images: (1, H, W) like probs
+    if regions:
+        lab = regions_to_labels(lab, probs.shape[1])
+    total, n = 0.0, 0
+    for k in range(1, int(lab.max(initial=0)) + 1):
+        m = lab == k
+        count = int(np.count_nonzero(m))
+        if count:
+            channel = 0 if probs.shape[1] == 1 else (k - 1 if regions else k)
+            total += float(probs[:, channel][m].sum(dtype=np.float64))
+            n += count
+    return round(total / n, 4) if n else None
 
 
 # ------------------------------------------------------------------------------------------ diameter
@@ -103,11 +125,20 @@ def _size_fields(comp_sub: np.ndarray, offset: np.ndarray, spacing: tuple[float,
             "axial_diameter_mm" if known else "axial_diameter_px": axial}
 
 
+def _centroid(mask: np.ndarray) -> np.ndarray:
+    """Mean index of the foreground along each axis, from per-axis counts: no (N, ndim) coordinate list, which for
+    a lesion filling a 512 x 512 x 200 volume would take 1.3 GB."""
+    n = max(int(np.count_nonzero(mask)), 1)
+    axes = range(mask.ndim)
+    return np.array([float(np.dot(np.count_nonzero(mask, axis=tuple(b for b in axes if b != a)), np.arange(mask.shape[a])))
+                     / n for a in axes])
+
+
 def _measure(comp_sub: np.ndarray, offset: np.ndarray, meta: medio.ImageMeta, prob_sub: np.ndarray | None) -> dict:
     """Measurements of one component given as a boolean crop ``comp_sub`` at index ``offset``."""
     known = meta.spacing_known
     spacing = tuple(float(s) for s in meta.spacing) if known else (1.0,) * comp_sub.ndim
-    centroid = np.argwhere(comp_sub).mean(axis=0) + offset
+    centroid = _centroid(comp_sub) + offset
     lo, hi = offset, offset + np.asarray(comp_sub.shape) - 1
     extent_px = (hi - lo + 1).tolist()
     d_units = max_diameter(comp_sub, spacing)
@@ -144,38 +175,76 @@ def _amount(n: int, unit_size: float | None, is_volume: bool) -> dict:
 
 
 def _components(labels: np.ndarray, probs: np.ndarray | None, meta: medio.ImageMeta, class_names: list[str],
-                roles: list[str]) -> tuple[list[dict], list[tuple[int, int, dict]], dict[int, np.ndarray]]:
-    """(structures, lesions as (class, component, measurements), component maps of the lesion classes)."""
+                roles: list[str], regions: bool = False
+                ) -> tuple[list[dict], list[tuple[int, int, dict]], dict[int, np.ndarray]]:
+    """(structures, lesions as (group, component, measurements), component maps of the lesion groups).
+
+    A group is one lesion class; for a region model the union of the lesion regions is the one group (key 0),
+    so a tumour made of nested regions is one lesion, not one per region (its ``regions`` give each part)."""
     shape = tuple(labels.shape)
     unit_size = float(np.prod(meta.spacing)) if meta.spacing_known else None  # mm^3 per voxel or mm^2 per pixel
     count_key = "voxels" if len(shape) == 3 else "pixels"
     structure = np.ones((3,) * labels.ndim, bool)
-    structures, pending, comps = [], [], {}
+    structures, groups = [], []
     for k, (name, role) in enumerate(zip(class_names, roles), start=1):
-        m = labels == k
-        n = int(m.sum())
+        m = class_mask(labels, k, regions)
+        n = int(np.count_nonzero(m))
         comp, ncomp = ndimage.label(m, structure) if n else (None, 0)
         structures.append({"class": name, "class_index": k, "role": role, count_key: n, "components": int(ncomp),
                            **_amount(n, unit_size, len(shape) == 3)})
-        if role != "lesion" or not ncomp:
-            continue
-        comps[k] = comp
-        prob_k = class_probability(probs, k, shape)
+        if role == "lesion" and ncomp and not regions:
+            groups.append((k, comp))
+    lesion_ks = [k for k, r in enumerate(roles, 1) if r == "lesion"]
+    if regions and lesion_ks:
+        union = np.zeros(shape, bool)
+        for k in lesion_ks:
+            union |= class_mask(labels, k, True)
+        comp, ncomp = ndimage.label(union, structure)
+        if ncomp:
+            groups.append((0, comp))
+    pending, comps = [], {}
+    for key, comp in groups:
+        comps[key] = comp
         for c, sl in enumerate(ndimage.find_objects(comp), start=1):
+            inside = comp[sl] == c
+            # a region lesion is named by its outermost lesion region (listed first), and measured part by part
+            k = key or next(j for j in lesion_ks if class_mask(labels[sl], j, True)[inside].any())
+            prob_k = class_probability(probs, k, shape, regions)
             offset = np.array([s.start for s in sl])
-            item = _measure(comp[sl] == c, offset, meta, prob_k[sl] if prob_k is not None else None)
-            pending.append((k, c, {"class": name, "class_index": k, **item}))
+            item = {"class": class_names[k - 1], "class_index": k,
+                    **_measure(inside, offset, meta, prob_k[sl] if prob_k is not None else None)}
+            if regions:
+                item["regions"] = [{"class": class_names[j - 1], count_key: n,
+                                    **_amount(n, unit_size, len(shape) == 3)}
+                                   for j in range(1, len(class_names) + 1)
+                                   if (n := int(np.count_nonzero(class_mask(labels[sl], j, True) & inside)))]
+            pending.append((key, c, item))
     pending.sort(key=lambda e: (-e[2][count_key], e[2]["bbox_min"], e[0]))
     return structures, pending, comps
 
 
-def _summary(lesions: list[dict], structures: list[dict], meta: medio.ImageMeta, roles: list[str]) -> dict:
-    """The case's totals: lesion count and burden, largest diameter, organ size."""
+def _totals(labels: np.ndarray, roles: list[str], structures: list[dict], count_key: str,
+            regions: bool) -> tuple[int, int, int]:
+    """(lesion, organ, lesion-or-organ) voxel counts: sums over exclusive classes, unions of (nested) regions."""
+    if not regions:
+        lesion_n = sum(s[count_key] for s in structures if s["role"] == "lesion")
+        organ_n = sum(s[count_key] for s in structures if s["role"] == "organ")
+        return lesion_n, organ_n, lesion_n + organ_n
+    masks = {}
+    for role in ("lesion", "organ"):
+        bits = sum(1 << (k - 1) for k, r in enumerate(roles, 1) if r == role)
+        masks[role] = (np.asarray(labels) & bits) != 0
+    return (int(np.count_nonzero(masks["lesion"])), int(np.count_nonzero(masks["organ"])),
+            int(np.count_nonzero(masks["lesion"] | masks["organ"])))
+
+
+def _summary(lesions: list[dict], structures: list[dict], meta: medio.ImageMeta, roles: list[str],
+             totals: tuple[int, int, int]) -> dict:
+    """The case's totals: lesion count and burden, largest diameter, organ size (``totals``: :func:`_totals`)."""
     is_volume, known = len(meta.shape) == 3, meta.spacing_known
     unit_size = float(np.prod(meta.spacing)) if known else None
     count_key = "voxels" if is_volume else "pixels"
-    lesion_n = sum(s[count_key] for s in structures if s["role"] == "lesion")
-    organ_n = sum(s[count_key] for s in structures if s["role"] == "organ")
+    lesion_n, organ_n, either_n = totals
     has_lesion = "lesion" in roles
     summary: dict[str, Any] = {"is_volume": is_volume, "spacing_known": known, "has_lesion_class": has_lesion,
                                "n_lesions": len(lesions),
@@ -194,7 +263,7 @@ def _summary(lesions: list[dict], structures: list[dict], meta: medio.ImageMeta,
         summary["organ_" + ("volume_ml" if is_volume else "area_mm2")] = (
             organ_n * unit_size / (1000.0 if is_volume else 1.0) if known else None)
         summary["organ_" + count_key] = organ_n
-        summary["lesion_burden_percent"] = 100.0 * lesion_n / (organ_n + lesion_n)
+        summary["lesion_burden_percent"] = 100.0 * lesion_n / either_n
     else:
         summary["lesion_burden_percent"] = None
     return summary
@@ -208,21 +277,32 @@ def analyze_with_ids(labels: np.ndarray, probs: np.ndarray | None, meta: medio.I
     if labels.shape != shape:
         raise InputError(f"{meta.path}: label map has shape {labels.shape} but the image has {shape}")
     roles = check_roles(roles or class_roles(prep.class_names), prep.n_classes)
-    structures, pending, comps = _components(labels, probs, meta, prep.class_names, roles)
+    structures, pending, comps = _components(labels, probs, meta, prep.class_names, roles, prep.regions)
     id_map = np.zeros(shape, np.int32)
-    lesions = []
-    for i, (k, c, item) in enumerate(pending, start=1):
-        id_map[comps[k] == c] = i
-        lesions.append({"id": i, **item})
-    return {"lesions": lesions, "summary": _summary(lesions, structures, meta, roles)}, id_map
+    lesions = [{"id": i, **item} for i, (_, _, item) in enumerate(pending, start=1)]
+    for key, comp in comps.items():  # one look-up per group, not one pass over the volume per lesion
+        lut = np.zeros(int(comp.max()) + 1, np.int32)
+        for i, (k, c, _) in enumerate(pending, start=1):
+            if k == key:
+                lut[c] = i
+        inside = comp > 0
+        id_map[inside] = lut[comp[inside]]
+    del comps
+    count_key = "voxels" if len(shape) == 3 else "pixels"
+    summary = _summary(lesions, structures, meta, roles, _totals(labels, roles, structures, count_key, prep.regions))
+    summary["mean_foreground_probability"] = mean_foreground_probability(labels, probs, prep.regions)
+    return {"lesions": lesions, "summary": summary}, id_map
 
 
 def analyze_mask(labels: np.ndarray, probs: np.ndarray | None, meta: medio.ImageMeta, prep: Preprocessing,
                  roles: list[str] | None = None) -> dict:
     """Measure a class map (pure function): ``{"lesions": [...], "summary": {...}}``.
 
-    labels: classes 0..K in the image's spatial shape (``meta.shape``); probs: (Z, C_out, H, W) from
-    :func:`inference.predict_planes` or None. Lesions are connected components (full connectivity) of
+    labels: classes 0..K in the image's spatial shape (``meta.shape``), or for a region model (``prep.regions``)
+    the region bit masks (:func:`preprocess.class_mask`); probs: (Z, C_out, H, W) from
+    :func:`inference.predict_image` or None. Region models: structures are per region; lesions are the
+    components of the union of the lesion regions, each named by its outermost region, with ``regions`` giving
+    the size of every region inside it. Lesions are connected components (full connectivity) of
     the lesion-role classes, sorted by size (largest first, ``id`` 1..n). Units: see the module docstring.
     """
     return analyze_with_ids(labels, probs, meta, prep, roles)[0]

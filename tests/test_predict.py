@@ -405,7 +405,8 @@ def test_bad_checkpoints_are_clear_errors(tmp_path, capsys):
     torch.save(ck, mismatched)
     with pytest.raises(CheckpointError, match="do not match"):
         diagnosis.load_model(mismatched, "cpu")
-    img = save_png(tmp_path / "a.png", np.zeros((20, 20)))
+    (tmp_path / "in").mkdir()
+    img = save_png(tmp_path / "in" / "a.png", np.zeros((20, 20)))
     for ck_path in (garbage, foreign, mismatched, tmp_path / "missing.pth"):
         assert predict.main(["--checkpoint", str(ck_path), "--input", str(img), "--output-dir", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
