@@ -113,7 +113,7 @@ def _read(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Unsupported global" in text or "Unsupported operand" in text:  # weights_only refused code: never run it
+        if "Unsupported global" in text:  # weights_only refused a class or function to call: never run it
             found = next((ln.strip() for ln in text.splitlines() if "Unsupported" in ln), "")
             raise CheckpointError(f"{path}: refused to load: the file holds Python objects that could run code when "
                                   f"unpickled ({found.replace('WeightsUnpickler error: ', '')[:160]}); expected a "

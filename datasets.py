@@ -136,12 +136,9 @@ def _paired_cases(folder: Path, split: str | None, images_dir: Path | None = Non
 
 def _dataset_json_labels(root: Path) -> dict[str, int]:
     path = root / "dataset.json"
-    if not path.is_file():
+    doc = _dataset_json(root)
+    if doc is None:
         return {}
-    try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{path}: not valid JSON ({' '.join(str(exc).split())})") from None
     labels = doc.get("labels", {}) if isinstance(doc, dict) else None
     if not isinstance(labels, dict):
         found = type(doc).__name__ if not isinstance(doc, dict) else f"'labels' as a {type(labels).__name__}"
@@ -156,13 +153,23 @@ def _dataset_json_labels(root: Path) -> dict[str, int]:
     return {k: v for k, v in out.items() if v != 0}
 
 
+def _dataset_json(root: Path) -> object:
+    """``root/dataset.json`` parsed (None when there is none); invalid JSON is a clear InputError."""
+    path = root / "dataset.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{path}: not valid JSON ({' '.join(str(exc).split())}; expected nnU-Net's / MSD's "
+                         "dataset.json)") from None
+
+
 def _dataset_json_channels(root: Path) -> list[str]:
     """The channel (modality) names of ``dataset.json``, in channel order: nnU-Net v2's ``channel_names`` or MSD's
     ``modality`` (``{"0": "FLAIR", "1": "T1w"}``); empty without a dataset.json or either key."""
     path = root / "dataset.json"
-    if not path.is_file():
-        return []
-    doc = json.loads(path.read_text(encoding="utf-8"))  # _dataset_json_labels reports invalid JSON
+    doc = _dataset_json(root)
     names = doc.get("channel_names", doc.get("modality")) if isinstance(doc, dict) else None
     if names is None:
         return []
@@ -315,7 +322,10 @@ def load_case(ref: CaseRef, prep: Preprocessing) -> LoadedCase:
                              "use --dim 2)")
         return LoadedCase(ref, None, labels.astype(np.uint8), roi, meta, True, values,
                           prepare_volume(image, meta.spacing, prep, classes))
-    planes = to_planes(image, 3 if is_volume else 2, prep)
+    try:
+        planes = to_planes(image, 3 if is_volume else 2, prep)
+    except InputError as exc:
+        raise InputError(f"{ref.image}: {exc} (expected --in-channels 0, or the image's own channel count)") from None
     return LoadedCase(ref, planes, labels.astype(np.uint8), roi, meta, is_volume, values)
 
 

@@ -291,6 +291,9 @@ def _triple(text: str | None, flag: str, kind: type) -> list | None:
         values = []
     if len(values) != 3 or not all(np.isfinite(v) and v > 0 for v in values):
         raise ConfigError(f"{flag} {text!r}: expected three positive numbers Z,Y,X")
+    if flag == "--patch" and (max(values) > 512 or np.prod(values) > 64 * 256 ** 2):
+        raise ConfigError(f"{flag} {text!r}: expected at most 512 voxels per axis and {64 * 256 ** 2} in all "
+                          "(a larger patch would not fit a CPU's memory)")
     return values
 
 

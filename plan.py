@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from errors import InputError
+
 #: voxels of one 3D training patch: 48^3 ~ 110k; a CPU trains a base-32 3D U-Net at a few patches per second
 PATCH_VOXELS_3D = 48 ** 3
 LEVELS = 4
@@ -105,6 +107,9 @@ def plan_dataset(fp, user: dict, budget_minutes: float) -> Plan:
     import resample
 
     plan = Plan(budget_minutes=budget_minutes)
+    if user.get("dim") == 3 and not fp.is_volume:
+        flat = next(c.case for c in fp.cases if len(c.shape) != 3)
+        raise InputError(f"{flat}: --dim 3 needs volumes, this image is 2D (use --dim 2)")
     values = fp.label_values
     if fp.label_names:
         labels = ",".join(f"{n}={v}" for n, v in sorted(fp.label_names.items(), key=lambda kv: kv[1]))

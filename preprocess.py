@@ -141,8 +141,8 @@ def parse_window(text: str) -> list[float]:
         level, width = (float(v) for v in text.split(","))
     except ValueError:
         raise ConfigError(f"--window {text!r}: expected a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH in HU") from None
-    if width <= 0:
-        raise ConfigError(f"--window {text!r}: the width must be > 0")
+    if not (math.isfinite(level) and math.isfinite(width) and width > 0):
+        raise ConfigError(f"--window {text!r}: expected a finite LEVEL and a finite WIDTH > 0 in HU")
     return [level, width]
 
 

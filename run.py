@@ -44,7 +44,7 @@ def _task_default(name: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     d = TrainConfig()
-    p = Parser(description="Train a U-Net on synthetic organ + lesion images (医学影像分割), or on your own data "
+    p = Parser(prog="run.py", description="Train a U-Net on synthetic organ + lesion images (医学影像分割), or on your own data "
                            "(--data), configured from the data, this machine and --time-budget.",
                formatter_class=_HelpFormatter, allow_abbrev=False)  # exact flags: given_fields reads argv
 

@@ -107,7 +107,7 @@ class TrainConfig:
     @property
     def real_data(self) -> bool:
         """True when the run reads a dataset (``--data`` / ``--images-dir``) instead of generating images."""
-        return bool(self.data or self.images_dir)
+        return bool(self.data or self.images_dir or self.masks_dir)
 
     def validate(self) -> None:
         """Raise :class:`ConfigError` listing every invalid value at once (ranges: :data:`options.TRAIN`)."""

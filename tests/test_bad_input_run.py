@@ -5,9 +5,7 @@ the file and says what was expected -- one line, or the dataset check's headline
 each naming its file -- no traceback, the user's files unchanged (SHA-256), nothing opened outside the test's
 folder and the library locations (an audit hook records every Python ``open``), nothing written outside the
 output folder, no checkpoint written, and no training started (``experiments.fit`` and ``run.run_synthetic`` are
-replaced by tripwires). Cases that expose a bug of run.py's modules are marked ``xfail(strict=True)`` with the fix
-in the reason: fixing the bug makes them pass, and strict turns that into a reminder to drop the mark. The list of
-every kind covered is ``docs/bad_input.md``.
+replaced by tripwires). The list of every kind covered is ``docs/bad_input.md``.
 """
 from __future__ import annotations
 
@@ -140,10 +138,6 @@ def _flags(*flags: str) -> Callable[[Path], list[str]]:
     return lambda tmp: list(flags)
 
 
-def _xfail(reason: str):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 def M037(root: Path) -> Path:
     """Masks holding the values {0, 3, 7}."""
     return png_pairs(root, values=(3, 7))
@@ -172,32 +166,17 @@ RUN_CASES = [
     ("dim3_without_data", _flags("--dim", "3"), "--dim 3 trains on volumes: give --data"),
     # options whose text is parsed later
     ("window_text", _data(png_pairs, "--window", "40"), "--window '40': expected a preset"),
-    pytest.param("window_nan", _data(png_pairs, "--window", "nan,400"), "--window 'nan,400'", marks=_xfail(
-        "bug: preprocess.parse_window accepts a NaN level/width (`width <= 0` is False for NaN) and training "
-        "starts, ending in 'training loss became nan'; fix: refuse unless math.isfinite(level) and "
-        "math.isfinite(width) and width > 0"), id="window_nan"),
+    ("window_nan", _data(png_pairs, "--window", "nan,400"), "--window 'nan,400'"),
     ("spacing_zero", _data(lambda r: nifti_pairs(r), "--dim", "3", "--spacing", "0,1,1"),
      "--spacing '0,1,1': expected three positive numbers"),
     # 10^15 voxels: more than any address space, so the failed allocation is immediate on any machine
-    pytest.param("patch_100000_cubed", _data(lambda r: nifti_pairs(r), "--dim", "3", "--patch", "100000,100000,100000"),
-                 "--patch", marks=_xfail(
-                     "bug: experiments._triple bounds --patch only by > 0; the planner's step measurement "
-                     "(planning.size_run) then allocates the patch and torch's RuntimeError (numpy's MemoryError "
-                     "when padding cases, before the planning work) escapes run.main with a traceback; fix: bound "
-                     "--patch per axis (e.g. <= 1024 voxels) and its product (e.g. <= plan.PATCH_VOXELS_3D * 8) in "
-                     "_triple, and catch MemoryError in run.main (exit 1, one line)"),
-                 id="patch_100000_cubed"),
+    ("patch_100000_cubed", _data(lambda r: nifti_pairs(r), "--dim", "3", "--patch", "100000,100000,100000"), "--patch"),
     ("labels_0", _data(png_pairs, "--labels", "0"), "--labels '0': label values must be in 1..255"),
     ("labels_99_absent", _data(png_pairs, "--labels", "99"), "class '99' (label value(s) [99]) occurs in no mask"),
     ("labels_1_2_on_masks_0_3_7", _data(M037, "--labels", "1,2"), "the masks hold the values [3, 7]"),
     ("labels_unknown_name", _data(png_pairs, "--labels", "liver"), "--labels 'liver': unknown label 'liver'"),
     # which folders
-    pytest.param("masks_dir_without_images_dir", lambda t: ["--masks-dir", str(png_pairs(t / "in" / "d") / "masks")],
-                 "give both --images-dir and --masks-dir", marks=_xfail(
-                     "bug: train.TrainConfig.real_data (train.py:103) is `bool(self.data or self.images_dir)`, so "
-                     "--masks-dir alone trains the synthetic preset; fix: `bool(self.data or self.images_dir or "
-                     "self.masks_dir)`, then datasets.discover refuses 'give both --images-dir and --masks-dir'"),
-                 id="masks_dir_without_images_dir"),
+    ("masks_dir_without_images_dir", lambda t: ["--masks-dir", str(png_pairs(t / "in" / "d") / "masks")], "give both --images-dir and --masks-dir"),
     ("images_dir_without_masks_dir", lambda t: ["--images-dir", str(png_pairs(t / "in" / "d") / "images")],
      "give both --images-dir and --masks-dir"),
     ("data_folder_missing", lambda t: ["--data", str(t / "in" / "nowhere")], "dataset folder not found (expected"),
@@ -211,24 +190,11 @@ RUN_CASES = [
     ("dataset_json_is_a_list", _data(lambda r: with_dataset_json(r, [1, 2])), "found list, expected a JSON object"),
     ("dataset_json_labels_is_a_list", _data(lambda r: with_dataset_json(r, {"labels": ["background", "x"]})),
      "found 'labels' as a list, expected"),
-    pytest.param("dataset_json_not_json", _data(lambda r: (nifti_pairs(r), (r / "dataset.json").write_text("{oops"),
-                                                           r)[2]), "dataset.json: not valid JSON", marks=_xfail(
-        "bug: datasets.discover calls _dataset_json_channels (datasets.py:165, a bare json.loads) before "
-        "_dataset_json_labels, so invalid JSON escapes as a JSONDecodeError traceback; fix: parse dataset.json once "
-        "in a helper that raises InputError(f'{path}: not valid JSON (...)') and use it in both"),
-                 id="dataset_json_not_json"),
+    ("dataset_json_not_json", _data(lambda r: (nifti_pairs(r), (r / "dataset.json").write_text("{oops"),
+                                                           r)[2]), "dataset.json: not valid JSON"),
     ("multichannel_missing_channel_file", _data(missing_channel), "channel file(s) c1_0001 missing (expected 2"),
-    pytest.param("dim3_on_2d_images", _data(png_pairs, "--dim", "3"), "--dim 3 needs volumes, this image is 2D",
-                 marks=_xfail("regression from the planning work (dda9d28): plan.plan_dataset (plan.py:121) keeps "
-                              "the user's --dim 3 and indexes three axes of 2D shapes (IndexError traceback) before "
-                              "experiments.volume_geometry can refuse; fix: in plan_dataset / planning.plan_run, "
-                              "refuse user dim 3 when not fp.is_volume with the volume_geometry message"),
-                 id="dim3_on_2d_images"),
-    pytest.param("in_channels_3_on_grey_images", _data(png_pairs, "--in-channels", "3"), "case0.png", marks=_xfail(
-        "bug: preprocess.to_planes (preprocess.py:233) raises 'the image has 1 channels but the model takes 3' "
-        "without the file, so the dataset check lists four nameless lines; fix: in datasets.load_case wrap "
-        "to_planes and re-raise InputError(f'{ref.image}: {exc} (expected --in-channels 0 or 1 for grey images)')"),
-                 id="in_channels_3_on_grey_images"),
+    ("dim3_on_2d_images", _data(png_pairs, "--dim", "3"), "--dim 3 needs volumes, this image is 2D"),
+    ("in_channels_3_on_grey_images", _data(png_pairs, "--in-channels", "3"), "case0.png"),
     # outputs: checked before any case is read
     ("checkpoint_is_a_folder", lambda t: ["--data", str(png_pairs(t / "in" / "d")), "--checkpoint",
                                           str(_dir(t / "in" / "ckdir"))], "--checkpoint names a folder, expected"),
