@@ -142,7 +142,7 @@ def parse_window(text: str) -> list[float]:
     except ValueError:
         raise ConfigError(f"--window {text!r}: expected a preset ({', '.join(WINDOW_PRESETS)}) or LEVEL,WIDTH in HU") from None
     if not (math.isfinite(level) and math.isfinite(width) and width > 0):
-        raise ConfigError(f"--window {text!r}: expected a finite LEVEL and a finite WIDTH > 0 in HU")
+        raise ConfigError(f"--window {text!r}: expected a finite level and a finite width > 0 in HU (LEVEL,WIDTH)")
     return [level, width]
 
 

@@ -26,7 +26,7 @@ def _nifti(path: Path, zyx: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Path:
 
 
 def _tiny_cfg(root: Path, out: Path, **kw) -> TrainConfig:
-    base = dict(data=str(root), dim=3, epochs=8, base_channels=4, lr=1e-2, samples_per_epoch=32, progress=False,
+    base = dict(data=str(root), dim=3, epochs=6, base_channels=4, lr=1e-2, samples_per_epoch=32, progress=False,
                 output_dir=str(out), checkpoint=str(out / "best.pth"), threads=1)
     return TrainConfig(**{**base, **kw})
 
@@ -77,7 +77,7 @@ def test_two_channel_lesion_trains_to_dice_09_in_3d(tmp_path):
 def test_regions_are_trained_with_one_sigmoid_each_and_reported_per_region(tmp_path):
     root = tmp_path / "ds"
     data_gen.write_two_channel_dataset(root, 10, shape=(16, 16, 16), seed=1, parts=True)
-    summary = run_dataset(_tiny_cfg(root, tmp_path / "out", labels="whole=1+2+3,overlap=2", epochs=6))
+    summary = run_dataset(_tiny_cfg(root, tmp_path / "out", labels="whole=1+2+3,overlap=2", epochs=4))
     assert set(summary["per_class"]) == {"whole", "overlap"}
     assert summary["preprocessing"]["regions"] and summary["per_class"]["whole"]["dice"] > 0.7
     ckpt = torch.load(tmp_path / "out" / "best.pth", weights_only=True)
