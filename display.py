@@ -125,10 +125,19 @@ def _badge_anchor(ids: np.ndarray, i: int) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------- report figure
+#: the longest side a montage thumbnail is drawn at
+THUMBNAIL_PX = 192
+
+
 def _draw_panel(ax, img: np.ndarray, lab: np.ndarray | None, ids: np.ndarray | None, colours: list[str],
                 aspect: float, small: bool = False) -> None:
     from matplotlib.colors import to_rgba
 
+    step = math.ceil(max(img.shape[:2]) / THUMBNAIL_PX) if small else 1
+    if step > 1:  # a montage cell is a thumbnail: drawing a 512-px slice there costs time and shows nothing more
+        img = img[::step, ::step]
+        lab = lab[::step, ::step] if lab is not None else None
+        ids = ids[::step, ::step] if ids is not None else None
     ax.imshow(img, cmap=None if img.ndim == 3 else "gray", vmin=0, vmax=1, aspect=aspect, interpolation="antialiased")
     if lab is not None:
         for k, col in enumerate(colours, start=1):

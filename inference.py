@@ -141,10 +141,10 @@ def predict_planes(model: UNet, planes: np.ndarray, prep: Preprocessing, device:
         for (i, y0, x0), pr in zip(chunk, prob):
             acc[i, :, y0:y0 + p, x0:x0 + p] += pr * weight
             norm[i, :, y0:y0 + p, x0:x0 + p] += weight
-    probs = acc / norm
-    probs = probs[:, :, pads[0]:hp - pads[1], pads[2]:wp - pads[3]]
-    probs = resize_planes(probs, (h, w))
-    return probs.clamp_(0, 1).numpy().astype(np.float32)
+    acc /= norm  # in place: on a whole CT the accumulator is the largest array of the run
+    del norm
+    probs = resize_planes(acc[:, :, pads[0]:hp - pads[1], pads[2]:wp - pads[3]], (h, w))
+    return np.ascontiguousarray(probs.clamp_(0, 1).numpy(), dtype=np.float32)
 
 
 # ------------------------------------------------------------------------------------------------ 3D
