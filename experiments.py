@@ -326,13 +326,6 @@ def make_preprocessing(cfg: TrainConfig, spec: datasets.DatasetSpec, refs: list)
     return prep
 
 
-def load_dataset(cfg: TrainConfig) -> tuple[datasets.DatasetSpec, list, Preprocessing, list]:
-    """Layout, case references, preprocessing and every case loaded (the dataset check lists every problem)."""
-    spec, refs = find_cases(cfg)
-    prep = make_preprocessing(cfg, spec, refs)
-    return spec, refs, prep, datasets.load_cases(refs, prep, spec.label_names)
-
-
 def run_dataset(cfg: TrainConfig, check_only: bool = False, given: set[str] | None = None) -> dict:
     """Train and evaluate on a real dataset folder (``cfg.data``); per-case metrics at the original resolution.
 

@@ -40,6 +40,7 @@ from display import Panels, class_colours, display_image, foreground_probability
 from errors import MedSegError, oneline
 from measure import size_unit
 from page_text import page_lang, tr
+from runtime import ThreadPolicy
 
 log = logging.getLogger("app")
 
@@ -283,6 +284,7 @@ class DemoApp:
         self.sessions: dict[str, Session] = {}
         self._lock = threading.Lock()          # model + matplotlib: one at a time (pyplot is not thread-safe)
         self._sessions_lock = threading.Lock()
+        self.threads = ThreadPolicy(0)         # the CPUs other processes leave idle, re-checked before each analysis
         self.bundle: diagnosis.ModelBundle | None = None
         self.model_problem: tuple[str, dict] | None = None
         self.load_model()
@@ -487,6 +489,7 @@ class DemoApp:
             page_upload.safe_stem(f"{page_upload.safe_stem(name)}_{series.rsplit('/', 1)[-1]}")
         shown = name if series is None else f"{name} ({series}/)"
         with self._lock:  # the one forward pass of this case; later changes re-use its probabilities
+            self.threads.update()
             diag = diagnosis.diagnose(self.bundle, image, meta, settings, case=stem, path=path, shown_path=shown,
                                       t_read=t_read)
         session.size_unit = unit

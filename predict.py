@@ -85,7 +85,7 @@ from inference import predict_image, tile_starts
 from outputs import OUTPUT_TYPES, RT_UTILS_HINT, case_row, failure_row, write_cohort
 from preprocess import scaled_size
 from roles import ROLES
-from runtime import PRECISIONS
+from runtime import PRECISIONS, ThreadPolicy
 
 MIN_FREE_BYTES = 200 * 2**20  # an output folder on a disk with less free space is refused before any work
 MIN_LESION_SIZE = options.Range(float, 0.0)
@@ -380,8 +380,8 @@ def build_parser() -> argparse.ArgumentParser:
     options.add_number(p, "--overlap", options.OVERLAP, 0.5, "sliding-window overlap for images larger than the patch")
     options.add_number(p, "--batch-size", options.BATCH_SIZE, 16, "sliding-window tiles per forward pass (3D: a "
                        "quarter as many windows)")
-    options.add_number(p, "--threads", options.THREADS, 0, "CPU threads for PyTorch and onnxruntime (0 = PyTorch's "
-                       "default, one per core; 1 is much faster on a machine busy with other jobs)")
+    options.add_number(p, "--threads", options.THREADS, 0, "CPU threads for PyTorch and onnxruntime (0 = automatic: "
+                       "the CPUs other processes leave idle, re-checked before each case; N = exactly N)")
     p.add_argument("--roles", default=None, metavar="R1,R2,...", help="override the role of each class: lesion, "
                    "organ or tubular, comma-separated in class order (default: from the class names, see the docs)")
     options.add_number(p, "--display-channel", DISPLAY_CHANNEL, 0, "the channel of a multi-channel case the "
@@ -528,6 +528,8 @@ def run_batch(bundle: ModelBundle, cases: list[InputCase], out_dir: Path, settin
                 fail(case, f"{case.source}: not run (the batch was stopped by {res.interrupted})")
                 continue
             bar.set_postfix_str(case.name[:30])
+            if getattr(args, "thread_policy", None) is not None:
+                args.thread_policy.update()  # the CPUs other processes left idle since the previous case
             shown = case.paths[0] if len(case.paths) == 1 else case.name
             try:
                 out = _run_one(bundle, case, out_dir, settings, args)
@@ -585,8 +587,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output_location([p for c in cases for p in c.paths], args.output_dir, args.allow_input_dir)
         except InputError as exc:
             return usage(oneline(exc, 1000), hint=False)  # one line; long paths are named whole
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args.thread_policy = ThreadPolicy(args.threads)  # automatic (0): measured from here to the first case
     try:
         bundle = load_model(args.checkpoint, args.device, args.precision)
     except MedSegError as exc:

@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-
 from benchmarks.common import ROOT, check, read_json, run_process
 
 log = logging.getLogger("bench")
@@ -103,7 +101,3 @@ def plot(result: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
-
-
-def mean_of(per_class: dict) -> float:
-    return float(np.mean(list(per_class.values())))
