@@ -87,7 +87,9 @@ class Pace:
         return stop
 
     def after_epoch(self, epoch: int, epoch_s: float, cfg) -> None:
-        """Shorten ``cfg.epochs`` when the remaining epochs would not fit (or replay the recorded change)."""
+        """Shorten ``cfg.epochs`` when the remaining epochs would not fit, or, in the first half of the run, lengthen
+        it when they would leave more than an epoch of the budget unused (the plan's step time is measured on
+        random data before training and is only an estimate); or replay the recorded change."""
         self.epoch_seconds.append(epoch_s)
         if self.replay is not None:
             for e, n, _ in self.replay:
@@ -101,11 +103,11 @@ class Pace:
         if remaining <= 0:
             return
         recent = statistics.median(self.epoch_seconds[-3:])
-        if self.elapsed + remaining * recent > self.budget_s:
-            fit = epoch + max(0, math.floor((self.budget_s - self.elapsed) / recent))
-            if fit < cfg.epochs:
-                cfg.epochs = fit
-                self.changes.append([epoch, fit, None])
+        fit = epoch + max(0, math.floor((self.budget_s - self.elapsed) / recent))
+        longer = fit > cfg.epochs and epoch <= cfg.epochs / 2  # late changes would jolt the learning rate
+        if fit < cfg.epochs or longer:
+            cfg.epochs = fit
+            self.changes.append([epoch, fit, None])
 
     def progress(self, cfg, epoch: int) -> str:
         """``elapsed / remaining`` for the log line."""
