@@ -301,7 +301,12 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
                                         "is its batch-pooled Dice on its test split",
                    "gflops": "convolutions only; training = 3 x forward FLOPs",
                    "peak_rss_mb": "each run in its own process, ru_maxrss from os.wait4"}}
+    def save() -> None:  # after every section: a crash late in a long run keeps what was measured
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "bench.json").write_text(json.dumps(plain(r), indent=2, default=float), encoding="utf-8")
+
     r.update(interleaved_runs(plan, baseline, before, repeats, threads))
+    save()
     # the epoch that first crosses 0.95 moves with the last bits of the arithmetic, so the defaults run on more seeds
     r["default_run_other_seeds"] = {}
     for seed in plan.extra_seeds:
@@ -315,6 +320,7 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
     if not plan.quick:
         r["inference_real_width"] = speed.bench_inference(REAL_BASE, plan.infer_sizes, (1,),
                                                           min_seconds=plan.infer_min_seconds, onnx=False)
+    save()
     r["thread_scaling"] = speed.thread_scaling(base, plan.infer_sizes[0], plan.infer_min_seconds)
     r["conv_peak"] = speed.conv_peak(plan.peak_shapes, plan.peak_seconds)
     per_batch = [speed.training_gflops(plan.gflops_size, plan.gflops_base, b, plan.gflops_steps, precision)
@@ -325,16 +331,19 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
         r["reference_training_gflops"] = speed.reference_step_time(reference, plan.gflops_size, plan.gflops_base,
                                                                    POST["batch_size"], max(2, plan.gflops_steps // 2))
     r["training_levers"] = speed.training_levers(plan.post, plan.lever_steps, POST_LR, compile_model)
+    save()
     r["default_run_levers"] = accuracy.default_choices_levers((42, *plan.extra_seeds), plan.default_run_args,
                                                               plan.quick, threads)
     r["scaling"] = speed.scaling_curves(plan, precision, reference)
     r["scaling_figure"] = str(speed.plot_scaling(r["scaling"], out_dir / "scaling.png"))
+    save()
     r["precision_synthetic"] = accuracy.precision_check_synthetic(plan.realistic, onnx=onnx)
     if real_data is not None and (real_data / "images").is_dir():
         r["precision_real"] = accuracy.precision_check_real(real_data, plan.real_images, plan.real_size,
                                                             plan.real_epochs, onnx=onnx, base_channels=plan.model_base)
     else:
         log.warning("real-data precision check skipped: %s has no images/ folder (pass --real-data)", real_data)
+    save()
     series = whole_ct.find_series()
     if series is not None and not plan.quick:
         r["whole_ct"] = whole_ct.whole_ct(series)

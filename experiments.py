@@ -343,7 +343,9 @@ def run_dataset(cfg: TrainConfig, check_only: bool = False, given: set[str] | No
     prep = make_preprocessing(cfg, spec, refs)
     if check_only:
         report = dataset_report(datasets.load_cases(refs, prep, spec.label_names), prep)
-        report.update(plan=asdict(plan) if plan else None)
+        if plan is not None:  # the schedule needs a measured step: --check shows everything else
+            log.info("计划 (不含训练时长; plan.json 在训练时写出):\n%s", plan.table())
+        report.update(plan=asdict(plan) if plan else None, fingerprint=fp.to_dict() if fp else None)
         write_json_atomic(out_dir / "dataset_report.json", report)
         return report
     device, precision, dist_info, threads = setup_run(cfg)

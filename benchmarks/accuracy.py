@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -125,7 +125,9 @@ def default_choices_levers(seeds: tuple[int, ...], run_args: list[str], quick: b
     for n in norms:
         n.DEBIAS_STEPS = 0
     try:
-        args = {k: v for k, v in vars(run.build_parser().parse_args(run_args)).items() if k != "check"}
+        names = {f.name for f in fields(TrainConfig)}  # the parser also has run.py's own flags (--check, --plan, ...)
+        args = {k: v for k, v in vars(run.build_parser().parse_args(run_args)).items() if k in names}
+        args["time_budget"] = args["time_budget"] or 0.0
         for seed in seeds:
             with tempfile.TemporaryDirectory(prefix="bench_bn_") as tmp:
                 cfg = replace(TrainConfig(**args), seed=seed, output_dir=str(Path(tmp) / "out"),
