@@ -288,8 +288,12 @@ def interleaved_runs(plan: Plan, baseline: str | None, before: Path | None, repe
 
 def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path, threads: int = 0,
                   onnx: bool = True, compile_model: bool = False, real_data: Path | None = None,
-                  before: Path | None = None, busy_rounds: int = 2) -> dict:
-    """Everything, in order; writes ``out_dir/bench.json`` and returns the results."""
+                  before: Path | None = None, busy_rounds: int = 2, resume: bool = False) -> dict:
+    """Everything, in order; writes ``out_dir/bench.json`` and returns the results.
+
+    With ``resume`` the sections already in ``out_dir/bench.json`` (of a run with the same plan) are kept and not
+    measured again, so an interrupted full run goes on where it stopped.
+    """
     set_threads(threads)
     reference = common.load_reference(baseline) if baseline else None
     precision = resolve_precision("auto", torch.device("cpu"))
@@ -301,57 +305,71 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
                                         "is its batch-pooled Dice on its test split",
                    "gflops": "convolutions only; training = 3 x forward FLOPs",
                    "peak_rss_mb": "each run in its own process, ru_maxrss from os.wait4"}}
+    done = common.read_json(out_dir / "bench.json") if resume else None
+    same_plan = json.loads(json.dumps(plain(asdict(plan)), default=float))  # as bench.json stores it
+    if done and done.get("plan") == same_plan and done.get("before") == r["before"]:
+        log.info("resuming: keeping %s", ", ".join(k for k in done if k not in r))
+        r = {**done, **r}
+    elif resume:
+        log.warning("nothing to resume in %s (missing, or another plan): measuring everything", out_dir)
+
     def save() -> None:  # after every section: a crash late in a long run keeps what was measured
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "bench.json").write_text(json.dumps(plain(r), indent=2, default=float), encoding="utf-8")
 
-    r.update(interleaved_runs(plan, baseline, before, repeats, threads))
-    save()
-    # the epoch that first crosses 0.95 moves with the last bits of the arithmetic, so the defaults run on more seeds
-    r["default_run_other_seeds"] = {}
-    for seed in plan.extra_seeds:
-        rec = common.run_default_pipeline(threads, [*plan.default_run_args, "--seed", str(seed)])
-        r["default_run_other_seeds"][seed] = {k: rec.get(k) for k in ("first_epoch_at_target", "seconds_to_target",
-                                                                     "test_dice", "train_seconds", "wall_s")}
+    def section(key: str, measure) -> None:
+        if key not in r:
+            r[key] = measure()
+            save()
+
+    if "default_run" not in r:
+        r.update(interleaved_runs(plan, baseline, before, repeats, threads))
+        save()
+
+    def other_seeds() -> dict:  # the epoch that first crosses 0.95 moves with the last bits of the arithmetic
+        keys = ("first_epoch_at_target", "seconds_to_target", "test_dice", "train_seconds", "wall_s")
+        return {seed: {k: rec.get(k) for k in keys} for seed in plan.extra_seeds
+                for rec in [common.run_default_pipeline(threads, [*plan.default_run_args, "--seed", str(seed)])]}
+
+    def training_gflops() -> dict:
+        per_batch = [speed.training_gflops(plan.gflops_size, plan.gflops_base, b, plan.gflops_steps, precision)
+                     for b in plan.gflops_batches]
+        best = max(per_batch, key=lambda rec: rec["gflops"])
+        return {**best, "per_batch": {rec["batch_size"]: rec["gflops"] for rec in per_batch}}
+
     base = plan.model_base or TrainConfig().base_channels
-    r["inference"] = speed.bench_inference(base, plan.infer_sizes, plan.infer_batches, min_seconds=plan.infer_min_seconds,
-                                           onnx=onnx, compile_model=compile_model, reference=reference,
-                                           reference_base=plan.ref_base)
+    section("default_run_other_seeds", other_seeds)
+    section("inference", lambda: speed.bench_inference(
+        base, plan.infer_sizes, plan.infer_batches, min_seconds=plan.infer_min_seconds, onnx=onnx,
+        compile_model=compile_model, reference=reference, reference_base=plan.ref_base))
     if not plan.quick:
-        r["inference_real_width"] = speed.bench_inference(REAL_BASE, plan.infer_sizes, (1,),
-                                                          min_seconds=plan.infer_min_seconds, onnx=False)
-    save()
-    r["thread_scaling"] = speed.thread_scaling(base, plan.infer_sizes[0], plan.infer_min_seconds)
-    r["conv_peak"] = speed.conv_peak(plan.peak_shapes, plan.peak_seconds)
-    per_batch = [speed.training_gflops(plan.gflops_size, plan.gflops_base, b, plan.gflops_steps, precision)
-                 for b in plan.gflops_batches]
-    best = max(per_batch, key=lambda rec: rec["gflops"])
-    r["training_gflops"] = {**best, "per_batch": {rec["batch_size"]: rec["gflops"] for rec in per_batch}}
+        section("inference_real_width", lambda: speed.bench_inference(
+            REAL_BASE, plan.infer_sizes, (1,), min_seconds=plan.infer_min_seconds, onnx=False))
+    section("thread_scaling", lambda: speed.thread_scaling(base, plan.infer_sizes[0], plan.infer_min_seconds))
+    section("conv_peak", lambda: speed.conv_peak(plan.peak_shapes, plan.peak_seconds))
+    section("training_gflops", training_gflops)
     if reference is not None:
-        r["reference_training_gflops"] = speed.reference_step_time(reference, plan.gflops_size, plan.gflops_base,
-                                                                   POST["batch_size"], max(2, plan.gflops_steps // 2))
-    r["training_levers"] = speed.training_levers(plan.post, plan.lever_steps, POST_LR, compile_model)
-    save()
-    r["default_run_levers"] = accuracy.default_choices_levers((42, *plan.extra_seeds), plan.default_run_args,
-                                                              plan.quick, threads)
-    r["scaling"] = speed.scaling_curves(plan, precision, reference)
+        section("reference_training_gflops", lambda: speed.reference_step_time(
+            reference, plan.gflops_size, plan.gflops_base, POST["batch_size"], max(2, plan.gflops_steps // 2)))
+    section("training_levers", lambda: speed.training_levers(plan.post, plan.lever_steps, POST_LR, compile_model))
+    section("default_run_levers", lambda: accuracy.default_choices_levers(
+        (42, *plan.extra_seeds), plan.default_run_args, plan.quick, threads))
+    section("scaling", lambda: speed.scaling_curves(plan, precision, reference))
     r["scaling_figure"] = str(speed.plot_scaling(r["scaling"], out_dir / "scaling.png"))
-    save()
-    r["precision_synthetic"] = accuracy.precision_check_synthetic(plan.realistic, onnx=onnx)
+    section("precision_synthetic", lambda: accuracy.precision_check_synthetic(plan.realistic, onnx=onnx))
     if real_data is not None and (real_data / "images").is_dir():
-        r["precision_real"] = accuracy.precision_check_real(real_data, plan.real_images, plan.real_size,
-                                                            plan.real_epochs, onnx=onnx, base_channels=plan.model_base)
+        section("precision_real", lambda: accuracy.precision_check_real(
+            real_data, plan.real_images, plan.real_size, plan.real_epochs, onnx=onnx, base_channels=plan.model_base))
     else:
         log.warning("real-data precision check skipped: %s has no images/ folder (pass --real-data)", real_data)
-    save()
     series = whole_ct.find_series()
     if series is not None and not plan.quick:
-        r["whole_ct"] = whole_ct.whole_ct(series)
+        section("whole_ct", lambda: whole_ct.whole_ct(series))
     if busy_rounds:
         runs = {"default_run": plan.default_run_args}
         if HIPPOCAMPUS.is_dir() and not plan.quick:
             runs["hippocampus_2d_epoch"] = ["--data", str(HIPPOCAMPUS), *HIPPOCAMPUS_EPOCH]
-        r["busy_machine"] = busy.busy_machine(runs, busy_rounds)
+        section("busy_machine", lambda: busy.busy_machine(runs, busy_rounds))
     r["load_average_after"] = common.loadavg()
     r["targets"] = [{**asdict(t), "status": t.status} for t in evaluate_targets(r)]
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -376,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--real-data", default=str(DEFAULT_REAL_DATA), help="Kvasir-SEG folder for the real-data Dice check")
     p.add_argument("--busy-rounds", type=int, default=2, help="idle / beside-a-CPU-bound-process rounds of the busy "
                    "machine rows (0 = skip them)")
+    p.add_argument("--resume", action="store_true", help="keep the sections already in OUT/bench.json (an interrupted "
+                   "run with the same plan) and measure only the rest")
     p.add_argument("--real", action="store_true", help="only the time-to-Dice row: the default run.py --data on the "
                    "hippocampus for --real-minutes with snapshots, scored on its held-out cases (about 40 min)")
     p.add_argument("--real-minutes", type=float, default=30.0, help="training budget of the --real run")
@@ -409,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     r = run_benchmark(make_plan(args.quick), args.baseline, args.repeats or (1 if args.quick else 2), Path(args.out),
                       args.threads, args.onnx, args.compile_model, Path(args.real_data) if args.real_data else None,
-                      Path(args.before).resolve() if args.before else None, args.busy_rounds)
+                      Path(args.before).resolve() if args.before else None, args.busy_rounds, args.resume)
     print(format_report(r, [Target(**{k: v for k, v in t.items() if k != "status"}) for t in r["targets"]]))
     print(f"\nwrote {Path(args.out) / 'bench.json'} and {r['scaling_figure']} in {time.perf_counter() - t0:.0f} s")
     return 0

@@ -195,3 +195,30 @@ def test_cli_parser_defaults():
     assert args.out == "bench_results" and args.repeats is None and args.onnx and not args.compile_model
     assert bench.make_plan(True).quick and bench.make_plan(False).infer_sizes == (256, 512)
     assert json.dumps(common.machine_info())
+
+
+def test_resume_keeps_measured_sections_and_refuses_another_plans(tmp_path, monkeypatch):
+    plan = bench.make_plan(True)
+    scaling = {"epoch_images": 140, "image_size": [{"image_size": 32, "seconds_per_epoch": 0.5}],
+               "dataset_size": [{"image_size": 32, "images": 8, "seconds_per_epoch": 0.1}]}
+    sections = ("default_run_other_seeds", "inference", "thread_scaling", "conv_peak", "training_gflops",
+                "training_levers", "default_run_levers", "precision_synthetic")
+    stored = {"plan": json.loads(json.dumps(bench.plain(bench.asdict(plan)), default=float)), "before": None,
+              "default_run": {"wall_s": 9.0}, "scaling": scaling, **{k: {"kept": True} for k in sections}}
+    (tmp_path / "bench.json").write_text(json.dumps(stored))
+
+    def measured(*_a, **_k):
+        raise AssertionError("a kept section was measured again")
+    for mod, names in ((bench, ("interleaved_runs",)), (common, ("run_default_pipeline",)),
+                       (speed, ("bench_inference", "thread_scaling", "conv_peak", "training_gflops",
+                                "training_levers", "scaling_curves")),
+                       (accuracy, ("default_choices_levers", "precision_check_synthetic"))):
+        for name in names:
+            monkeypatch.setattr(mod, name, measured)
+    r = bench.run_benchmark(plan, None, 1, tmp_path, busy_rounds=0, resume=True)
+    assert r["inference"] == {"kept": True} and r["default_run"] == {"wall_s": 9.0} and "targets" in r
+    assert json.loads((tmp_path / "bench.json").read_text())["training_levers"] == {"kept": True}
+    stored["plan"]["quick"] = False  # another plan: nothing is kept, the first section is measured
+    (tmp_path / "bench.json").write_text(json.dumps(stored))
+    with pytest.raises(AssertionError, match="measured again"):
+        bench.run_benchmark(plan, None, 1, tmp_path, busy_rounds=0, resume=True)
