@@ -286,6 +286,29 @@ def interleaved_runs(plan: Plan, baseline: str | None, before: Path | None, repe
     return out
 
 
+NOTES = {"train_images_per_second": "forward + backward + optimizer step only (both pipelines)",
+         "seconds_to_target": "cumulative epoch time (train + validation) to the first epoch with validation Dice >= "
+                              "0.95; ours is per-image Dice on the validation split, the reference's is its "
+                              "batch-pooled Dice on its test split",
+         "gflops": "convolutions only; training = 3 x forward FLOPs",
+         "peak_rss_mb": "each run in its own process, ru_maxrss from os.wait4"}
+
+
+def other_seeds(plan: Plan, threads: int) -> dict:
+    """The default run on the plan's extra seeds: the epoch that first crosses 0.95 moves with the last bits."""
+    keys = ("first_epoch_at_target", "seconds_to_target", "test_dice", "train_seconds", "wall_s")
+    return {seed: {k: rec.get(k) for k in keys} for seed in plan.extra_seeds
+            for rec in [common.run_default_pipeline(threads, [*plan.default_run_args, "--seed", str(seed)])]}
+
+
+def best_training_gflops(plan: Plan, precision: str) -> dict:
+    """Training GFLOP/s at the plan's size and width, the best of its batch sizes (each one recorded)."""
+    per_batch = [speed.training_gflops(plan.gflops_size, plan.gflops_base, b, plan.gflops_steps, precision)
+                 for b in plan.gflops_batches]
+    best = max(per_batch, key=lambda rec: rec["gflops"])
+    return {**best, "per_batch": {rec["batch_size"]: rec["gflops"] for rec in per_batch}}
+
+
 def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path, threads: int = 0,
                   onnx: bool = True, compile_model: bool = False, real_data: Path | None = None,
                   before: Path | None = None, busy_rounds: int = 2, resume: bool = False) -> dict:
@@ -298,13 +321,7 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
     reference = common.load_reference(baseline) if baseline else None
     precision = resolve_precision("auto", torch.device("cpu"))
     r: dict = {"machine": common.machine_info(), "plan": asdict(plan), "baseline": baseline, "repeats": repeats,
-               "before": str(before) if before else None, "precision_auto": precision, "notes": {
-                   "train_images_per_second": "forward + backward + optimizer step only (both pipelines)",
-                   "seconds_to_target": "cumulative epoch time (train + validation) to the first epoch with validation "
-                                        "Dice >= 0.95; ours is per-image Dice on the validation split, the reference's "
-                                        "is its batch-pooled Dice on its test split",
-                   "gflops": "convolutions only; training = 3 x forward FLOPs",
-                   "peak_rss_mb": "each run in its own process, ru_maxrss from os.wait4"}}
+               "before": str(before) if before else None, "precision_auto": precision, "notes": NOTES}
     done = common.read_json(out_dir / "bench.json") if resume else None
     same_plan = json.loads(json.dumps(plain(asdict(plan)), default=float))  # as bench.json stores it
     if done and done.get("plan") == same_plan and done.get("before") == r["before"]:
@@ -326,19 +343,8 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
         r.update(interleaved_runs(plan, baseline, before, repeats, threads))
         save()
 
-    def other_seeds() -> dict:  # the epoch that first crosses 0.95 moves with the last bits of the arithmetic
-        keys = ("first_epoch_at_target", "seconds_to_target", "test_dice", "train_seconds", "wall_s")
-        return {seed: {k: rec.get(k) for k in keys} for seed in plan.extra_seeds
-                for rec in [common.run_default_pipeline(threads, [*plan.default_run_args, "--seed", str(seed)])]}
-
-    def training_gflops() -> dict:
-        per_batch = [speed.training_gflops(plan.gflops_size, plan.gflops_base, b, plan.gflops_steps, precision)
-                     for b in plan.gflops_batches]
-        best = max(per_batch, key=lambda rec: rec["gflops"])
-        return {**best, "per_batch": {rec["batch_size"]: rec["gflops"] for rec in per_batch}}
-
     base = plan.model_base or TrainConfig().base_channels
-    section("default_run_other_seeds", other_seeds)
+    section("default_run_other_seeds", lambda: other_seeds(plan, threads))
     section("inference", lambda: speed.bench_inference(
         base, plan.infer_sizes, plan.infer_batches, min_seconds=plan.infer_min_seconds, onnx=onnx,
         compile_model=compile_model, reference=reference, reference_base=plan.ref_base))
@@ -347,7 +353,7 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
             REAL_BASE, plan.infer_sizes, (1,), min_seconds=plan.infer_min_seconds, onnx=False))
     section("thread_scaling", lambda: speed.thread_scaling(base, plan.infer_sizes[0], plan.infer_min_seconds))
     section("conv_peak", lambda: speed.conv_peak(plan.peak_shapes, plan.peak_seconds))
-    section("training_gflops", training_gflops)
+    section("training_gflops", lambda: best_training_gflops(plan, precision))
     if reference is not None:
         section("reference_training_gflops", lambda: speed.reference_step_time(
             reference, plan.gflops_size, plan.gflops_base, POST["batch_size"], max(2, plan.gflops_steps // 2)))

@@ -237,7 +237,18 @@ def read_summary(path: Path) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- main
-def main(argv: list[str] | None = None) -> dict:
+def environment() -> dict:
+    """Versions and worker settings of the nnU-Net run, for its result JSON."""
+    import torch
+    return {"nnunetv2_version": version("nnunetv2"), "torch_version": torch.__version__,
+            "torch_threads": torch.get_num_threads(), "cpu_count": multiprocessing.cpu_count(),
+            "nnUNet_n_proc_DA": os.environ.get("nnUNet_n_proc_DA"),
+            "nnUNet_def_n_proc": os.environ.get("nnUNet_def_n_proc"), "python": platform.python_version(),
+            "imported_timm_torchvision": any(m.split(".")[0] in ("timm", "torchvision") for m in sys.modules)}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The script's options."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", type=Path, required=True,
                    help="folder with imagesTr/ and labelsTr/ (hippocampus_XXX.nii.gz)")
@@ -254,16 +265,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--overwrite", action="store_true", help="delete this script's earlier nnU-Net folders in --out")
     p.add_argument("--smoke", action="store_true",
                    help="2 training + 2 validation cases, epochs of 2 iterations (1 epoch unless --minutes)")
-    args = p.parse_args(argv)
-    if args.minutes is None and not args.smoke:
-        p.error("--minutes is required (except with --smoke)")
-    t0 = time.time()
+    return p
 
-    out = args.out.resolve()
+
+def make_work_dirs(out: Path, overwrite: bool, smoke: bool) -> dict[str, Path]:
+    """nnU-Net's three folders under ``out``, exported as its environment variables."""
     dirs = {"nnUNet_raw": out / "nnUNet_raw", "nnUNet_preprocessed": out / "nnUNet_preprocessed",
             "nnUNet_results": out / "nnUNet_results"}
     existing = [d for d in dirs.values() if d.exists()]
-    if existing and not args.overwrite:
+    if existing and not overwrite:
         raise SystemExit(f"{', '.join(map(str, existing))} exist: pass --overwrite to start again")
     for d in existing:
         shutil.rmtree(d)
@@ -271,8 +281,20 @@ def main(argv: list[str] | None = None) -> dict:
     for name, d in dirs.items():
         d.mkdir()
         os.environ[name] = str(d)  # read lazily by nnunetv2.paths; inherited by the preprocessing child
-    if args.smoke:  # 1 worker process instead of nnU-Net's 8 spawned ones: keeps the check cheap on a shared CPU
+    if smoke:  # 1 worker process instead of nnU-Net's 8 spawned ones: keeps the check cheap on a shared CPU
         os.environ.setdefault("nnUNet_def_n_proc", "1")
+    return dirs
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Convert, plan and preprocess, train to the deadline, validate; the result JSON is written and returned."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    if args.minutes is None and not args.smoke:
+        p.error("--minutes is required (except with --smoke)")
+    t0 = time.time()
+    out = args.out.resolve()
+    dirs = make_work_dirs(out, args.overwrite, args.smoke)
 
     split = read_split(args.split)
     train_ids, val_ids = split["train"] + split["val"], split["test"]
@@ -309,13 +331,7 @@ def main(argv: list[str] | None = None) -> dict:
     s = result["seconds"]
     s["budgeted"] = round(s["convert"] + s["plan_preprocess"] + s["train"], 1)
     s["total"] = round(time.time() - t0, 1)
-    import torch
-    result.update(summary_json=str(summary_path), nnunetv2_version=version("nnunetv2"),
-                  torch_version=torch.__version__, torch_threads=torch.get_num_threads(),
-                  cpu_count=multiprocessing.cpu_count(), nnUNet_n_proc_DA=os.environ.get("nnUNet_n_proc_DA"),
-                  nnUNet_def_n_proc=os.environ.get("nnUNet_def_n_proc"),
-                  python=platform.python_version(),
-                  imported_timm_torchvision=any(m.split(".")[0] in ("timm", "torchvision") for m in sys.modules))
+    result.update(summary_json=str(summary_path), **environment())
     (out / "nnunet_result.json").write_text(json.dumps(result, indent=1))
     log(f"Dice anterior {result['dice_anterior']:.4f} posterior {result['dice_posterior']:.4f} "
         f"mean {result['dice_mean']:.4f} on {result['n_cases_scored']} cases; seconds {s}")
