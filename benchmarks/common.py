@@ -73,33 +73,31 @@ class ProcResult:
         return None
 
 
+HAS_WAIT4 = hasattr(os, "wait4")  # not on Windows: no per-child peak RSS there
+
+
 def run_process(cmd: list[str], cwd: str | os.PathLike | None = None, env: dict | None = None,
                 timeout: float = 3600.0) -> ProcResult:
-    """Run ``cmd``; measure its wall time and its own peak RSS (``os.wait4``, where the OS has it)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+    """Run ``cmd``; measure its wall time and its own peak RSS (``os.wait4`` through ``peak_rss.py``, a small
+    launcher, so the benchmark's own memory does not count; where the OS has ``wait4``)."""
+    with tempfile.TemporaryDirectory(prefix="bench_rss_") as tmp, \
+            tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        rss_file = Path(tmp) / "rss"
+        launch = [sys.executable, str(Path(__file__).with_name("peak_rss.py")), str(rss_file)] if HAS_WAIT4 else []
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
-        rss = None
-        if hasattr(os, "wait4"):
-            while True:
-                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-                if pid:
-                    break
-                if time.perf_counter() - t0 > timeout:
-                    proc.kill()
-                    pid, status, usage = os.wait4(proc.pid, 0)
-                    break
-                time.sleep(0.02)
-            wall = time.perf_counter() - t0
-            proc.returncode = os.waitstatus_to_exitcode(status)
-            rss = usage.ru_maxrss / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)  # KiB on Linux
-        else:  # Windows: no per-child rusage
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
+        proc = subprocess.Popen([*launch, *cmd], cwd=cwd, env=env, stdout=out, stderr=err, stdin=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            if HAS_WAIT4:
+                proc.terminate()  # the launcher kills the command on SIGTERM
+            else:
                 proc.kill()
-                proc.wait()
-            wall = time.perf_counter() - t0
+            proc.wait()
+        wall = time.perf_counter() - t0
+        rss = None
+        if HAS_WAIT4 and rss_file.is_file():
+            rss = int(rss_file.read_text()) / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
         out.seek(0)
         err.seek(0)
         return ProcResult(proc.returncode, wall, rss, out.read(), err.read())

@@ -176,6 +176,12 @@ def test_run_process_measures_wall_rss_and_json():
     assert res.returncode == 0 and res.last_json() == {"x": 1} and res.wall_s > 0
     if res.peak_rss_mb is not None:  # os.wait4: not on Windows
         assert res.peak_rss_mb > 60
+    big = bytearray(256 * 1024 * 1024)  # the benchmark's own memory must not count as the child's
+    big[::4096] = b"\1" * len(big[::4096])
+    small = common.run_process([sys.executable, "-c", "pass"])
+    del big
+    if small.peak_rss_mb is not None:
+        assert small.peak_rss_mb < 100
     bad = common.run_process([sys.executable, "-c", "import sys; sys.exit(3)"])
     assert bad.returncode == 3
     with pytest.raises(RuntimeError, match="exit code 3"):
