@@ -33,6 +33,7 @@ import data_gen
 import diagnosis
 import fileio
 import medio
+import outputs
 import page_upload
 import report
 from diagnosis import Diagnosis, DiagnosisSettings
@@ -573,17 +574,25 @@ class DemoApp:
                                name=html.escape(page_upload.shown_name(case.name)), msg=msg, _lang=lang)
 
     def _write_files(self, session: Session, case: Case, lang: str) -> list[Path]:
-        """``<stem>_mask.png|.nii.gz``, ``<stem>_report.html`` and ``<stem>_report.json``: only the current
-        result's files stay in the session's download folder."""
+        """``<stem>_mask.png|.nii.gz``, ``<stem>_report.html`` and ``<stem>_report.json``, and for a DICOM upload
+        ``<stem>_seg.dcm`` (a DICOM Segmentation over the uploaded series, as ``predict.py --output-type
+        dicom-seg`` writes it): only the current result's files stay in the session's download folder."""
         out_dir = session.dir / "out"
         out_dir.mkdir(parents=True, exist_ok=True)
         for old in out_dir.iterdir():
             if old.is_file():
                 old.unlink()
         diag = replace(case.diagnosis, settings=replace(case.diagnosis.settings, lang=lang))
+        seg = None
+        if getattr(diag.meta, "format", None) == "dicom":
+            written = outputs.write_dicom_files(diag.labels, diag.path, self.bundle.prep.class_names, diag.roles,
+                                                out_dir, ("dicom-seg",), series=session.series)
+            seg = out_dir / f"{diag.case}_seg.dcm"
+            os.replace(written["dicom_seg"], seg)
         files, _ = diagnosis.write_case_files(self.bundle, diag, out_dir, prefix=f"{diag.case}_", overlay_file=False,
-                                              program=REPORT_PROGRAM)
-        return [files["mask"], files["report_html"], files["report_json"]]
+                                              program=REPORT_PROGRAM,
+                                              more_outputs={"dicom_seg": seg.name} if seg else None)
+        return [files["mask"], files["report_html"], files["report_json"], *([seg] if seg else [])]
 
     @staticmethod
     def _unit(case: Case, lang: str) -> str:

@@ -21,6 +21,7 @@ from PIL import Image
 import app
 import data_gen
 import diagnosis
+import dicom_export
 import display
 import fileio
 import page
@@ -212,6 +213,11 @@ def test_jpeg_tiff_and_dicom_zip_uploads(demo_app, tmp_path, monkeypatch):
     assert files[0].name == "series_mask.nii.gz" and nib.load(str(files[0])).shape == (32, 32, 8)
     rep = json.loads(files[2].read_text(encoding="utf-8"))
     assert rep["input"]["format"] == "dicom" and rep["input"]["patient"]["id"] == "D001"
+    assert files[3].name == "series_seg.dcm"  # a DICOM upload also gets its SEG, as predict.py writes it
+    assert rep["outputs"]["dicom_seg"] == "series_seg.dcm"
+    mask = np.asarray(nib.load(str(files[0])).dataobj)
+    seg = dicom_export.read_seg_labels(files[3], dicom_export.source_datasets(z))
+    assert mask.any() and int((seg > 0).sum()) == int((mask > 0).sum())
 
     monkeypatch.setattr(fileio, "MAX_UNPACKED_BYTES", 1000)  # the one zip limit, shared with predict.py
     v = demo_app.analyse_upload(s, z, "en", 0.5, 0)

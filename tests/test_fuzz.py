@@ -26,6 +26,8 @@ from model import UNet
 from train import TrainConfig
 
 FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# the whole predict.py per example (model load, report files): fewer examples; the bad-input suite covers the kinds
+FUZZ_PREDICT = settings(FUZZ, max_examples=20)
 SUFFIXES = [".nii", ".nii.gz", ".dcm", ".zip", ".png", ".jpg", ".bmp", ".tif", ".gif", ".nrrd", ".mha"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py: small tensors on a shared CPU
@@ -131,7 +133,7 @@ def test_empty_files(tmp_path):
         load_checkpoint(tmp_path / "e.pth")
 
 
-@FUZZ
+@FUZZ_PREDICT
 @given(data=st.binary(max_size=400), suffix=st.sampled_from(SUFFIXES))
 def test_predict_entry_point_on_random_inputs(tmp_path, trained_model, data, suffix, capsys):
     import predict
