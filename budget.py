@@ -3,8 +3,9 @@
 Before training, :func:`measure_step_seconds` times a few training steps of the planned network on this machine
 (the plan turns that into epochs). During training, :class:`Pace` re-checks after every epoch: when the recent
 epochs say the run would overrun, it shortens the schedule (the poly learning rate follows, since it is keyed to
-``cfg.epochs``); when other load appears in the middle of an epoch, the epoch ends early at the deadline (the
-budget plus 5 %, leaving room for the last validation). Every change is recorded, so ``run.py --plan plan.json``
+``cfg.epochs``); when the plan chose the epoch count and the first half of the run says more epochs would fit,
+it lengthens it (a count the user gave is never raised); when other load appears in the middle of an epoch, the
+epoch ends early at the deadline (the budget plus 5 %, leaving room for the last validation). Every change is recorded, so ``run.py --plan plan.json``
 replays the same schedule without looking at the clock.
 """
 from __future__ import annotations
@@ -56,10 +57,12 @@ def measure_step_seconds(model: torch.nn.Module, input_shape: tuple[int, ...], n
 @dataclass
 class Pace:
     """Keeps a training run inside ``budget_s`` seconds (see the module docstring). ``replay``: the changes of an
-    earlier run (``[[epoch, new_epochs, steps_or_None], ...]``), applied instead of the clock."""
+    earlier run (``[[epoch, new_epochs, steps_or_None], ...]``), applied instead of the clock. ``lengthen``: the
+    epoch count came from the plan's estimate and may grow; a count the user fixed (``--epochs``) only shrinks."""
 
     budget_s: float
     replay: list | None = None
+    lengthen: bool = False
     changes: list = field(default_factory=list)
     t_start: float = 0.0
     epoch_seconds: list = field(default_factory=list)
@@ -87,9 +90,9 @@ class Pace:
         return stop
 
     def after_epoch(self, epoch: int, epoch_s: float, cfg) -> None:
-        """Shorten ``cfg.epochs`` when the remaining epochs would not fit, or, in the first half of the run, lengthen
-        it when they would leave more than an epoch of the budget unused (the plan's step time is measured on
-        random data before training and is only an estimate); or replay the recorded change."""
+        """Shorten ``cfg.epochs`` when the remaining epochs would not fit, or (``lengthen``), in the first half of
+        the run, lengthen it when they would leave more than an epoch of the budget unused (the plan's step time is
+        measured on random data before training and is only an estimate); or replay the recorded change."""
         self.epoch_seconds.append(epoch_s)
         if self.replay is not None:
             for e, n, _ in self.replay:
@@ -104,7 +107,7 @@ class Pace:
             return
         recent = statistics.median(self.epoch_seconds[-3:])
         fit = epoch + max(0, math.floor((self.budget_s - self.elapsed) / recent))
-        longer = fit > cfg.epochs and epoch <= cfg.epochs / 2  # late changes would jolt the learning rate
+        longer = self.lengthen and fit > cfg.epochs and epoch <= cfg.epochs / 2  # late changes would jolt the learning rate
         if fit < cfg.epochs or longer:
             cfg.epochs = fit
             self.changes.append([epoch, fit, None])

@@ -56,7 +56,8 @@ def size_run(cfg, plan: Plan, given: set[str], prep: Preprocessing, split: dict,
     train = set(split["train"])
     n_items = sum(1 if prep.dim == 3 or len(c.shape) == 2 else c.shape[0] for c in fp.cases if c.case in train)
     size_schedule(plan, step_s, n_items, {k: getattr(cfg, k) for k in given})
-    cfg = replace(cfg, epochs=plan.values["epochs"], samples_per_epoch=plan.values["samples_per_epoch"])
+    cfg = replace(cfg, epochs=plan.values["epochs"], samples_per_epoch=plan.values["samples_per_epoch"],
+                  epochs_planned="epochs" not in given)
     log.info("计划 (plan.json; 用户给定的值优先):\n%s", plan.table())
     write_json_atomic(Path(cfg.output_dir) / "plan.json", {"format": PLAN_FORMAT, **asdict(plan)})  # --resume reads it
     return cfg

@@ -93,6 +93,7 @@ class TrainConfig:
     # the time budget (run.py --time-budget) and the colour jitter of photographs, both set by the plan
     time_budget: float = 0.0  # minutes of training (validation included); 0 = no limit
     schedule_changes: list | None = None  # a finished run's budget changes, replayed instead of the clock
+    epochs_planned: bool = False  # the plan chose `epochs` from a step-time estimate: the budget may also raise it
     photometric: float = 0.0
     snapshot_minutes: list | None = None  # bench.py --real: the best model so far saved at these training minutes
 
@@ -423,7 +424,7 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
     res = FitResult(history={k: [] for k in HISTORY_KEYS})
     best_key, start, spent, cpu_spent = _restore(resume, optimizer, scheduler, scaler, res)
     t_start, cpu_start = time.perf_counter() - spent, time.process_time() - cpu_spent
-    pace = Pace(cfg.time_budget * 60, cfg.schedule_changes) if cfg.time_budget or cfg.schedule_changes else None
+    pace = Pace(cfg.time_budget * 60, cfg.schedule_changes, cfg.epochs_planned) if cfg.time_budget or cfg.schedule_changes else None
     if pace:
         pace.start(spent)
     writer = CheckpointWriter(checkpoint_path, last_path, cfg, extra_checkpoint, dist.main)

@@ -83,10 +83,14 @@ def test_pace_shortens_the_schedule_when_epochs_run_slow_and_replays_recorded_ch
     pace.start(already_spent=30.0)  # 30 s gone, epochs of 20 s: 3 more fit
     pace.after_epoch(1, 20.0, cfg)
     assert cfg.epochs == 4 and pace.changes == [[1, 4, None]]
-    fast, cfg.epochs = Pace(100.0), 4  # epochs of 10 s: 10 fit, so the first half of the run lengthens it
+    fast, cfg.epochs = Pace(100.0, lengthen=True), 4  # epochs of 10 s: 10 fit; the first half lengthens a planned count
     fast.start()
     fast.after_epoch(1, 10.0, cfg)
     assert cfg.epochs == 10 and fast.changes == [[1, 10, None]]
+    fixed, cfg.epochs = Pace(100.0), 4  # the user's --epochs 4 is never raised
+    fixed.start()
+    fixed.after_epoch(1, 10.0, cfg)
+    assert cfg.epochs == 4 and fixed.changes == []
     cfg.epochs, replay = 10, Pace(100.0, replay=[[1, 4, None]])
     replay.start()
     replay.after_epoch(1, 999.0, cfg)  # the clock is not consulted
