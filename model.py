@@ -110,6 +110,22 @@ class Down(nn.Module):
         return self.maxpool_conv(x)
 
 
+def _dense_in_format_of(x: torch.Tensor):
+    """A gradient hook that hands on the gradient as a dense tensor in ``x``'s memory format.
+
+    Why: ``torch.cat``'s backward gives each input a channel slice of the gradient. In the channels-last layout
+    that slice is strided, and the up-sampling's backward kernel takes a strided gradient to a slow generic
+    path (and copies it between layouts). One dense copy lets it run its fast kernel; the values are the same.
+    """
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        fmt = torch.channels_last
+    elif x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        fmt = torch.channels_last_3d
+    else:
+        fmt = torch.contiguous_format
+    return lambda grad: grad.contiguous(memory_format=fmt)
+
+
 class Up(nn.Module):
     """Up-sample ``x1`` by ``pool``, pad it to the skip connection ``x2``'s size, concatenate, DoubleConv.
 
@@ -127,6 +143,8 @@ class Up(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1 = self.up(x1)
+        if x1.requires_grad:
+            x1.register_hook(_dense_in_format_of(x1))
         missing = [s - u for s, u in zip(x2.shape[2:], x1.shape[2:])]
         if any(missing):  # odd sizes: pooling floored, so the up-sampled map is short by a voxel
             pads = []

@@ -424,7 +424,8 @@ def fit(model: nn.Module, train_data: Dataset, validate: Callable[[nn.Module], d
     res = FitResult(history={k: [] for k in HISTORY_KEYS})
     best_key, start, spent, cpu_spent = _restore(resume, optimizer, scheduler, scaler, res)
     t_start, cpu_start = time.perf_counter() - spent, time.process_time() - cpu_spent
-    pace = Pace(cfg.time_budget * 60, cfg.schedule_changes, cfg.epochs_planned) if cfg.time_budget or cfg.schedule_changes else None
+    pace = (Pace(cfg.time_budget * 60, cfg.schedule_changes, cfg.epochs_planned)
+            if cfg.time_budget or cfg.schedule_changes else None)
     if pace:
         pace.start(spent)
     writer = CheckpointWriter(checkpoint_path, last_path, cfg, extra_checkpoint, dist.main)

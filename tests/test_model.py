@@ -49,6 +49,43 @@ def test_folded_copy_keeps_its_bias_with_grad_enabled():
     torch.testing.assert_close(got.detach(), want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("dim,size", [(2, (32, 48)), (3, (17, 16, 19))])
+def test_dense_upsampling_gradient_equals_the_plain_backward(dim, size, monkeypatch):
+    """The gradient hook in ``Up`` only changes the layout the up-sampling's backward receives, not a value."""
+    import model as model_module
+    from runtime import channels_last, to_channels_last
+
+    def grads(hook_factory) -> list[torch.Tensor]:
+        monkeypatch.setattr(model_module, "_dense_in_format_of", hook_factory)
+        torch.manual_seed(0)
+        net = to_channels_last(UNet(2, 3, base_channels=4, dim=dim), dim)
+        x = channels_last(torch.randn(2, 2, *size))
+        net(x).square().mean().backward()
+        return [p.grad for p in net.parameters()]
+
+    seen = []  # (the forward output's layout, was the incoming gradient dense in it, is the outgoing one)
+
+    def recording(x):
+        hook = original(x)
+        fmt = next(f for f in (torch.channels_last, torch.channels_last_3d, torch.contiguous_format)
+                   if x.dim() == {torch.channels_last: 4, torch.channels_last_3d: 5}.get(f, x.dim())
+                   and x.is_contiguous(memory_format=f))
+
+        def check(g):
+            out = hook(g)
+            seen.append((g.is_contiguous(memory_format=fmt), out.is_contiguous(memory_format=fmt)))
+            return out
+        return check
+
+    original = model_module._dense_in_format_of
+    dense = grads(recording)
+    plain = grads(lambda x: (lambda g: g))
+    for a, b in zip(dense, plain):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert len(seen) == 4 and all(after for _, after in seen)  # every gradient left the hook dense
+    assert not all(before for before, _ in seen)  # and cat's backward had handed on strided ones
+
+
 # ---------------------------------------------------------------- 3D
 @pytest.mark.parametrize("bilinear", [True, False])
 @pytest.mark.parametrize("dhw", [(16, 16, 16), (17, 23, 19), (21, 16, 33)])
