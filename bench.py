@@ -82,6 +82,11 @@ class Plan:
     scaling_dataset_sizes: tuple[int, ...] = (35, 70, 140, 280, 560)
     epoch_images: int = 140  # training images per epoch of the default config (200 samples, 70 %)
     lever_steps: int = 12
+    #: real-data training batches (N, C, *spatial) for the up-sampling gradient lever: a 2D RGB photograph plan and
+    #: a 3D hippocampus plan, at the real-data width
+    real_step_shapes: dict = field(default_factory=lambda: {"2d_rgb_160px": (8, 3, 160, 160),
+                                                            "3d_40x56x40": (2, 1, 40, 56, 40)})
+    real_step_repeats: int = 5
     extra_seeds: tuple[int, ...] = (0, 1, 2, 3)  # default run.py on these seeds too (seconds to 0.95 per seed)
     realistic: dict = field(default_factory=lambda: {"difficulty": "realistic", "num_samples": 400, "epochs": 12})
     real_images: int = 240
@@ -99,7 +104,8 @@ def make_plan(quick: bool) -> Plan:
                 rss_size=64, rss_samples=12, infer_sizes=(64,), infer_batches=(1, 4), infer_min_seconds=0.1,
                 peak_seconds=0.2, peak_shapes=((4, 64, 32),), gflops_size=32, gflops_base=8, gflops_steps=2,
                 gflops_batches=(4,), extra_seeds=(0,), scaling_sizes=(32, 64), scaling_images={32: 8, 64: 8},
-                scaling_dataset_sizes=(8, 16), lever_steps=2,
+                scaling_dataset_sizes=(8, 16), lever_steps=2, real_step_repeats=1,
+                real_step_shapes={"2d_rgb": (2, 3, 32, 32), "3d": (2, 1, 16, 16, 16)},
                 realistic={"difficulty": "realistic", "num_samples": 24, "epochs": 1, "image_size": 32,
                            "base_channels": 8},
                 real_images=12, real_size=32, real_epochs=1)
@@ -239,6 +245,13 @@ def format_report(r: dict, targets: list[Target]) -> str:
     if r.get("training_levers"):
         lines += ["", "training ms/image at the post's settings"]
         lines += [f"  {k:52} {_f(v, 4):>8}" for k, v in r["training_levers"].items()]
+    up = r.get("upsampling_gradient")
+    if up:
+        head = (f"training ms/step at real-data shapes (base {up['base_channels']}, {up['precision']}): "
+                "dense up-sampling gradient / plain backward")
+        lines += ["", head]
+        lines += [f"  {k:20} {tuple(v['shape'])!s:24} {_f(v['dense_ms'], 1):>8} / {_f(v['plain_ms'], 1):>8}"
+                  for k, v in up.items() if isinstance(v, dict)]
     for rec in (r.get(k, {}) for k in ("inference", "inference_real_width")):
         inf = rec.get("ms_per_image", {})
         if inf:
@@ -359,6 +372,8 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
         section("reference_training_gflops", lambda: speed.reference_step_time(
             reference, plan.gflops_size, plan.gflops_base, POST["batch_size"], max(2, plan.gflops_steps // 2)))
     section("training_levers", lambda: speed.training_levers(plan.post, plan.lever_steps, POST_LR, compile_model))
+    section("upsampling_gradient", lambda: speed.upsampling_gradient_lever(
+        plan.real_step_shapes, plan.model_base or REAL_BASE, plan.real_step_repeats, plan.lever_steps))
     section("default_run_levers", lambda: accuracy.default_choices_levers(
         (42, *plan.extra_seeds), plan.default_run_args, plan.quick, threads))
     section("scaling", lambda: speed.scaling_curves(plan, precision, reference))

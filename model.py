@@ -26,6 +26,9 @@ import torch.nn.functional as F
 
 #: the smallest 2D input of the default network: four 2x poolings leave a 1x1 bottleneck
 MIN_INPUT_SIZE = 16
+#: hand the up-sampling's backward a dense gradient (:func:`_dense_in_format_of`); False gives the plain backward
+#: (the benchmark's lever ``upsampling_gradient``, and the test that both agree)
+DENSE_UPSAMPLING_GRADIENT = True
 
 
 class _DebiasedRunningStats:
@@ -143,7 +146,7 @@ class Up(nn.Module):
 
     def forward(self, x1: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         x1 = self.up(x1)
-        if x1.requires_grad:
+        if DENSE_UPSAMPLING_GRADIENT and x1.requires_grad:
             x1.register_hook(_dense_in_format_of(x1))
         missing = [s - u for s, u in zip(x2.shape[2:], x1.shape[2:])]
         if any(missing):  # odd sizes: pooling floored, so the up-sampled map is short by a voxel

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import hashlib
 import html
 import logging
 import math
@@ -141,6 +142,7 @@ class Session:
         self.upload: tuple[Path, str] | None = None  # (staged copy, the name the user knows) of the last upload
         self.series_choices: list[str] = []    # series folders of that upload when it is a DICOM zip with several
         self.series: str | None = None         # the one chosen
+        self.seg_key: str | None = None        # what the DICOM SEG in out/ was written from (labels and series)
         self.lock = threading.RLock()          # one request of this session at a time (chained events overlap)
 
     @property
@@ -152,7 +154,7 @@ class Session:
         """Forget the current case and delete its files (a new upload replaces it); ``keep_upload`` keeps the
         staged upload and its series choice (another series of the same zip is about to be analysed)."""
         self.case = None
-        self.downloads = []
+        self.downloads, self.seg_key = [], None
         shutil.rmtree(self.dir / "out", ignore_errors=True)
         if not keep_upload:
             self.upload, self.series_choices, self.series = None, [], None
@@ -579,16 +581,22 @@ class DemoApp:
         dicom-seg`` writes it): only the current result's files stay in the session's download folder."""
         out_dir = session.dir / "out"
         out_dir.mkdir(parents=True, exist_ok=True)
-        for old in out_dir.iterdir():
-            if old.is_file():
-                old.unlink()
         diag = replace(case.diagnosis, settings=replace(case.diagnosis.settings, lang=lang))
-        seg = None
+        seg = seg_key = None
         if getattr(diag.meta, "format", None) == "dicom":
+            # the SEG depends on the labels and the series only: a language or a setting that leaves the labels
+            # as they were keeps the file already written (a large series takes seconds to encode)
+            seg = out_dir / f"{diag.case}_seg.dcm"
+            seg_key = f"{diag.path}:{session.series}:{hashlib.sha256(np.ascontiguousarray(diag.labels).tobytes()).hexdigest()}"
+        keep = seg if seg is not None and seg.is_file() and session.seg_key == seg_key else None
+        for old in out_dir.iterdir():
+            if old.is_file() and old != keep:
+                old.unlink()
+        if seg is not None and keep is None:
             written = outputs.write_dicom_files(diag.labels, diag.path, self.bundle.prep.class_names, diag.roles,
                                                 out_dir, ("dicom-seg",), series=session.series)
-            seg = out_dir / f"{diag.case}_seg.dcm"
             os.replace(written["dicom_seg"], seg)
+            session.seg_key = seg_key
         files, _ = diagnosis.write_case_files(self.bundle, diag, out_dir, prefix=f"{diag.case}_", overlay_file=False,
                                               program=REPORT_PROGRAM,
                                               more_outputs={"dicom_seg": seg.name} if seg else None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import statistics
 import tempfile
 import time
 from dataclasses import replace
@@ -17,7 +18,9 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+import model as model_module
 from benchmarks.common import timeit
+from budget import measure_step_seconds
 from model import UNet, fold_batchnorm
 from runtime import autocast, bf16_supported, to_channels_last
 from train import ArrayDataset, TrainConfig, make_loader, make_optimizer, train_one_epoch
@@ -305,6 +308,29 @@ def training_levers(post: dict, steps: int, lr: float, compile_model: bool = Fal
         out[f"{precisions[-1]}_channels_last_compiled"] = 1000.0 * rec["seconds_per_image"]
         out["compile_seconds"] = rec["compile_seconds"]
     log.info("training levers (ms/image, post settings): %s", {k: round(v, 2) for k, v in out.items()})
+    return out
+
+
+def upsampling_gradient_lever(shapes: dict[str, tuple[int, ...]], base: int, repeats: int, steps: int) -> dict:
+    """ms per training step (bf16 where supported, channels-last, as real-data runs train) of U-Nets of width
+    ``base`` on random batches of each ``(N, C, *spatial)`` shape, with and without the dense up-sampling gradient
+    (``model.DENSE_UPSAMPLING_GRADIENT``), interleaved ``repeats`` times; the medians."""
+    precision = "bf16" if bf16_supported(CPU) else "fp32"
+    out: dict = {"precision": precision, "base_channels": base}
+    for name, shape in shapes.items():
+        dim = len(shape) - 2
+        times: dict[str, list[float]] = {"dense": [], "plain": []}
+        for _ in range(repeats):
+            for variant, measured in times.items():
+                model_module.DENSE_UPSAMPLING_GRADIENT = variant == "dense"
+                try:
+                    torch.manual_seed(0)
+                    net = UNet(shape[1], 3, base, True, dim)
+                    measured.append(1000.0 * measure_step_seconds(net, shape, 3, precision, CPU, steps=steps))
+                finally:
+                    model_module.DENSE_UPSAMPLING_GRADIENT = True
+        out[name] = {"shape": list(shape), **{f"{k}_ms": statistics.median(v) for k, v in times.items()}}
+        log.info("up-sampling gradient lever %s: %s", name, out[name])
     return out
 
 

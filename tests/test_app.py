@@ -218,6 +218,12 @@ def test_jpeg_tiff_and_dicom_zip_uploads(demo_app, tmp_path, monkeypatch):
     mask = np.asarray(nib.load(str(files[0])).dataobj)
     seg = dicom_export.read_seg_labels(files[3], dicom_export.source_datasets(z))
     assert mask.any() and int((seg > 0).sum()) == int((mask > 0).sum())
+    written, content = files[3].stat(), files[3].read_bytes()
+    demo_app.refresh(s, "zh")  # the labels stay: the SEG already written is kept, the reports are rewritten
+    assert (files[3].stat().st_ino, files[3].stat().st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    assert "不是医疗器械" in files[1].read_text(encoding="utf-8")
+    v = demo_app.update_settings(s, "en", 0.5, 10_000)  # no lesion is that large: other labels, a new SEG
+    assert v.ok and not np.asarray(nib.load(str(files[0])).dataobj).any() and files[3].read_bytes() != content
 
     monkeypatch.setattr(fileio, "MAX_UNPACKED_BYTES", 1000)  # the one zip limit, shared with predict.py
     v = demo_app.analyse_upload(s, z, "en", 0.5, 0)

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import bench
 import data_gen
+import model as model_module
 import train
 from benchmarks import accuracy, common, speed
 from benchmarks.speed import conv_flops
@@ -119,6 +120,10 @@ def test_training_timing_peak_and_scaling_figure(tmp_path):
         peak = speed.conv_peak(((2, 16, 16),), seconds=0.0)
     assert rec["images"] == 8 and rec["seconds"] > 0 and rec["gflops"] > 0
     assert peak["fp32"]["peak_gflops"] > 0 and ("bf16" in peak) == BF16
+    with one_thread():
+        lever = speed.upsampling_gradient_lever({"2d": (2, 1, 32, 32), "3d": (2, 2, 16, 16, 16)}, 4, 1, 1)
+    assert all(lever[k]["dense_ms"] > 0 and lever[k]["plain_ms"] > 0 for k in ("2d", "3d"))
+    assert model_module.DENSE_UPSAMPLING_GRADIENT  # the lever leaves the model as it found it
     scaling = {"epoch_images": 140,
                "image_size": [{"image_size": s, "seconds_per_epoch": s / 64, "reference_seconds_per_epoch": s / 16}
                               for s in (32, 64)],
@@ -208,7 +213,7 @@ def test_resume_keeps_measured_sections_and_refuses_another_plans(tmp_path, monk
     scaling = {"epoch_images": 140, "image_size": [{"image_size": 32, "seconds_per_epoch": 0.5}],
                "dataset_size": [{"image_size": 32, "images": 8, "seconds_per_epoch": 0.1}]}
     sections = ("default_run_other_seeds", "inference", "thread_scaling", "conv_peak", "training_gflops",
-                "training_levers", "default_run_levers", "precision_synthetic")
+                "training_levers", "upsampling_gradient", "default_run_levers", "precision_synthetic")
     stored = {"plan": json.loads(json.dumps(bench.plain(bench.asdict(plan)), default=float)), "before": None,
               "default_run": {"wall_s": 9.0}, "scaling": scaling, **{k: {"kept": True} for k in sections}}
     (tmp_path / "bench.json").write_text(json.dumps(stored))
@@ -217,7 +222,7 @@ def test_resume_keeps_measured_sections_and_refuses_another_plans(tmp_path, monk
         raise AssertionError("a kept section was measured again")
     for mod, names in ((bench, ("interleaved_runs",)), (common, ("run_default_pipeline",)),
                        (speed, ("bench_inference", "thread_scaling", "conv_peak", "training_gflops",
-                                "training_levers", "scaling_curves")),
+                                "training_levers", "upsampling_gradient_lever", "scaling_curves")),
                        (accuracy, ("default_choices_levers", "precision_check_synthetic"))):
         for name in names:
             monkeypatch.setattr(mod, name, measured)
