@@ -250,7 +250,7 @@ def format_report(r: dict, targets: list[Target]) -> str:
         head = (f"training ms/step at real-data shapes (base {up['base_channels']}, {up['precision']}): "
                 "dense up-sampling gradient / plain backward")
         lines += ["", head]
-        lines += [f"  {k:20} {tuple(v['shape'])!s:24} {_f(v['dense_ms'], 1):>8} / {_f(v['plain_ms'], 1):>8}"
+        lines += [f"  {k:20} {tuple(v['shape'])!s:24} {v['dense_ms']:8.1f} / {v['plain_ms']:8.1f}"
                   for k, v in up.items() if isinstance(v, dict)]
     for rec in (r.get(k, {}) for k in ("inference", "inference_real_width")):
         inf = rec.get("ms_per_image", {})
