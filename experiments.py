@@ -43,7 +43,7 @@ log = logging.getLogger("run")
 #: mean validation Dice mirroring must add to be kept (it multiplies inference time by 4 in 2D, 8 in 3D)
 TTA_MIN_GAIN = 0.002
 #: options that may differ between a run and its --resume
-RESUME_FREE = {"epochs", "epochs_planned", "resume", "progress", "device", "num_workers", "threads", "checkpoint_every"}
+RESUME_FREE = {"epochs", "epochs_planned", "resume", "progress", "figures", "device", "num_workers", "threads", "checkpoint_every"}
 
 
 # ------------------------------------------------------------------------------ synthetic images
@@ -62,7 +62,7 @@ def run_synthetic(cfg: TrainConfig) -> dict:
     subsets = {k: ArrayDataset(images[idx], labels[idx]) for k, idx in split.items()}
     log.info("数据: %d 张 %dx%d (%s), 训练/验证/测试 = %d/%d/%d", len(data), cfg.image_size, cfg.image_size,
              cfg.difficulty, *(len(split[k]) for k in ("train", "val", "test")))
-    if dist_info.main:
+    if dist_info.main and cfg.figures:
         visualize.plot_synthetic_samples(data.images[split["train"]], data.lesions[split["train"]], out_dir, seed=cfg.seed)
 
     model = UNet(n_channels=1, n_classes=1, base_channels=cfg.base_channels, bilinear=cfg.bilinear)
@@ -74,7 +74,8 @@ def run_synthetic(cfg: TrainConfig) -> dict:
                          device, precision, {"preprocessing": prep.to_dict()}, dist_info, threads=threads)
     if not dist_info.main:
         return finish_ranks(dist_info, {})
-    visualize.plot_training_history(result.history, out_dir)
+    if cfg.figures:
+        visualize.plot_training_history(result.history, out_dir)
     summary = test_synthetic(cfg, subsets["test"], prep, device, precision, out_dir)
     summary.update(best_epoch=result.best_epoch, best_val_dice=result.best_val.get("dice"), epochs=cfg.epochs,
                    **_timing(result, t_run), device=str(device), dtype=precision, difficulty=cfg.difficulty,
@@ -101,8 +102,9 @@ def test_synthetic(cfg: TrainConfig, test: ArrayDataset, prep: Preprocessing, de
     loss = evaluate(best, test.images, test.labels, max(cfg.batch_size, 16), device, precision, cfg.channels_last)["loss"]
     baseline_dice, baseline_t, baseline_dir = best_threshold_dice(test.images[:, 0].numpy(), test.labels.numpy())
     show = _showcase_indices(scores["dice"], k=4)
-    visualize.plot_predictions([test.images[i, 0].numpy() for i in show], [test.labels[i].numpy() for i in show],
-                               [pred[i] for i in show], out_dir, scores=[float(scores["dice"][i]) for i in show])
+    if cfg.figures:
+        visualize.plot_predictions([test.images[i, 0].numpy() for i in show], [test.labels[i].numpy() for i in show],
+                                   [pred[i] for i in show], out_dir, scores=[float(scores["dice"][i]) for i in show])
     log.info("测试集 (%d 张): Dice %.4f | IoU %.4f | 敏感度 %.4f | 精确率 %.4f | 最佳全局阈值 Dice %.4f",
              len(test), s["dice"], s["iou"], s["sensitivity"], s["precision"], baseline_dice)
     return {"dice": s["dice"], "iou": s["iou"], "sensitivity": s["sensitivity"], "precision": s["precision"],
@@ -402,7 +404,7 @@ def train_on_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, split: dic
                    precision: str, dist_info: DistInfo, threads: ThreadPolicy | None = None) -> FitResult:
     """Foreground-oversampled patches of the training cases; validation = patch loss + whole-case Dice."""
     train_data, (val_x, val_y), length = patch_data(cfg, sets, prep)
-    if dist_info.main:
+    if dist_info.main and cfg.figures:
         mid = (slice(None), 0) if prep.dim == 2 else (slice(None), 0, val_x.shape[2] // 2)  # 3D: the middle slices
         visualize.plot_synthetic_samples(val_x[mid].numpy(), val_y[mid[:1] + mid[2:]].numpy() > 0,
                                          Path(cfg.output_dir), seed=cfg.seed)
@@ -423,7 +425,7 @@ def train_on_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, split: dic
     log.info("模型参数量: %s; 每轮 %d 个 %s 训练块", f"{count_parameters(model):,}", length, size)
     result = train_model(cfg, model, train_data, validate, device, precision,
                          {"preprocessing": prep.to_dict(), "split": split}, dist_info, augment, loss_fn, threads)
-    if dist_info.main:
+    if dist_info.main and cfg.figures:
         visualize.plot_training_history(result.history, Path(cfg.output_dir))
     return result
 
@@ -452,7 +454,8 @@ def test_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, device: torch.
     write_case_csv(out_dir / "metrics_per_case.csv", rows)
     stats = summarize_rows(rows, prep)
     hd_unit = "mm" if all(c.meta.spacing_known for c in sets["test"]) else "px"  # plain photos have no spacing
-    plot_case_overlays(rows, out_dir, prep)
+    if cfg.figures:
+        plot_case_overlays(rows, out_dir, prep)
     update_checkpoint(cfg.checkpoint, postprocessing=post,
                       test_metrics={k: stats[k] for k in ("dice", "iou", "sensitivity", "precision")}
                       | {"per_class_dice": {n: pc["dice"] for n, pc in stats["per_class"].items()},

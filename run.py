@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default=d.output_dir, help="folder for figures, history.json and summary.json")
     p.add_argument("--checkpoint", default=d.checkpoint, help="where to save the best model (a file path)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the per-epoch progress bar")
+    p.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="skip the PNG figures (scripted sweeps, servers); checkpoints and JSON results are written as always")
     num(p, "--threads", "CPU threads for PyTorch (0 = one per core); 1 is much faster when other jobs share the cores")
     p.add_argument("--resume", action="store_true", help="continue from last.pth in --output-dir (after a crash or Ctrl-C)")
     num(p, "--checkpoint-every", "write last.pth and the best model after the first and the last epoch, and in between "
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
 DEFAULT_BUDGET = 20.0
 #: on/off flags whose field is not their name
 _NEGATIONS = {"--no-bilinear": "bilinear", "--no-channels-last": "channels_last", "--no-progress": "progress",
-              "--no-augment": "augment"}
+              "--no-augment": "augment", "--no-figures": "figures"}
 
 
 def given_fields(argv: list[str]) -> set[str]:

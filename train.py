@@ -69,6 +69,7 @@ class TrainConfig:
     output_dir: str = "output_figures"
     checkpoint: str = "best_unet.pth"
     progress: bool = True
+    figures: bool = True  # the PNG figures (run.py --no-figures skips them; the JSON results are written as always)
     # real datasets (run.py --data); image_size is then the square training patch
     data: str | None = None
     images_dir: str | None = None

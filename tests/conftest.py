@@ -38,7 +38,8 @@ def trained_model(tmp_path_factory) -> TrainedModel:
 
     out = tmp_path_factory.mktemp("trained")
     cfg = TrainConfig(epochs=10, num_samples=64, image_size=32, base_channels=8, device="cpu", precision="fp32",
-                      progress=False, output_dir=str(out), checkpoint=str(out / "model.pth"), seed=0, threads=1)
+                      progress=False, output_dir=str(out), checkpoint=str(out / "model.pth"), seed=0, threads=1,
+                      figures=False)
     before = torch.get_num_threads()
     try:
         summary = experiments.run_synthetic(cfg)

@@ -144,12 +144,8 @@ def test_round_trip_3d_two_channels(tmp_path):
         net(torch.rand(1, 2, 4, 16, 16))
 
 
-def test_synthetic_test_split(tmp_path, monkeypatch):
-    import visualize
-
-    for name in ("plot_synthetic_samples", "plot_training_history", "plot_predictions"):  # figures: 6 of 11 s
-        monkeypatch.setattr(visualize, name, lambda *a, **k: None)
-    cfg = TrainConfig(epochs=2, num_samples=40, image_size=32, base_channels=4, progress=False, threads=1,
+def test_synthetic_test_split(tmp_path):
+    cfg = TrainConfig(epochs=2, num_samples=40, image_size=32, base_channels=4, progress=False, threads=1, figures=False,
                       output_dir=str(tmp_path / "out"), checkpoint=str(tmp_path / "best.pth"))
     experiments.run_synthetic(cfg)
     onnx_path, _ = export.export_checkpoint(cfg.checkpoint, tmp_path / "best.onnx")

@@ -103,7 +103,7 @@ def test_an_anisotropic_two_channel_dataset_trains_with_no_flags(tmp_path):
     data_gen.write_two_channel_dataset(root, 10, shape=(6, 32, 32), spacing=(5.0, 1.0, 1.0), seed=3)
     out = tmp_path / "out"
     code = run.main(["--data", str(root), "--time-budget", "0.15", "--output-dir", str(out), "--checkpoint",
-                     str(out / "best.pth"), "--no-progress", "--threads", "1"])
+                     str(out / "best.pth"), "--no-progress", "--no-figures", "--threads", "1"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dice"] >= 0.85, summary["dice"]
@@ -134,7 +134,7 @@ def test_robustness_table_scores_every_perturbation_of_colour_photographs(tmp_pa
         Image.fromarray(img).save(root / "images" / f"p{i}.png")
         Image.fromarray(disc.astype(np.uint8) * 255).save(root / "masks" / f"p{i}.png")
     out = tmp_path / "out"
-    run_dataset(TrainConfig(data=str(root), epochs=2, image_size=32, base_channels=4, samples_per_epoch=32,
+    run_dataset(TrainConfig(data=str(root), epochs=2, image_size=32, base_channels=4, samples_per_epoch=32, figures=False,
                             progress=False, output_dir=str(out), checkpoint=str(out / "best.pth"), threads=1))
     res = robustness.robustness(out / "best.pth", root, out / "split.json")
     assert set(res["rows"]) == set(robustness.PERTURBATIONS) and res["test_images"] == 2

@@ -12,7 +12,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--num-samples", "24", "--image-size", "32", "--base-channels", "4", "--batch-size", "4",
-        "--device", "cpu", "--no-progress", "--seed", "3"]
+        "--device", "cpu", "--no-progress", "--no-figures", "--seed", "3"]
 
 
 def _cmd(out: Path, *extra: str) -> list[str]:
@@ -66,6 +66,7 @@ def test_kill_9_mid_training_then_resume_gives_the_uninterrupted_result(tmp_path
     assert h_res == h_ref  # every epoch's losses, scores and learning rate
     for key in ("dice", "iou", "sensitivity", "precision", "test_loss", "best_epoch"):
         assert s_res[key] == s_ref[key], key
+    assert not list((tmp_path / "ref").glob("*.png"))  # --no-figures: the results without the figures
 
 
 def test_ctrl_c_saves_and_says_how_to_resume(tmp_path):
@@ -116,7 +117,7 @@ def test_torchrun_two_cpu_processes_match_one_process(tmp_path):
     import run
 
     cfg = ["--epochs", "3", "--num-samples", "40", "--image-size", "32", "--base-channels", "8", "--lr", "1e-3",
-           "--device", "cpu", "--no-progress", "--seed", "5", "--precision", "fp32"]
+           "--device", "cpu", "--no-progress", "--no-figures", "--seed", "5", "--precision", "fp32"]
     one = tmp_path / "one"
     assert run.main([*cfg, "--batch-size", "8", "--threads", "1", "--output-dir", str(one), "--checkpoint",
                      str(one / "best_unet.pth")]) == 0
