@@ -1,12 +1,12 @@
 """The time budget: a training run sized to the minutes the user gives, and kept to them.
 
-Before training, :func:`measure_step_seconds` times a few training steps of the planned network on this machine
-(the plan turns that into epochs). During training, :class:`Pace` re-checks after every epoch: when the recent
-epochs say the run would overrun, it shortens the schedule (the poly learning rate follows, since it is keyed to
-``cfg.epochs``); when the plan chose the epoch count and the first half of the run says more epochs would fit,
-it lengthens it (a count the user gave is never raised); when other load appears in the middle of an epoch, the
-epoch ends early at the deadline (the budget plus 5 %, leaving room for the last validation). Every change is recorded, so ``run.py --plan plan.json``
-replays the same schedule without looking at the clock.
+Before training, :func:`measure_step_seconds` times a few training steps of the planned network on this machine (the
+plan turns that into epochs). During training, :class:`Pace` re-checks after every epoch: when the recent epochs say
+the run would overrun, it shortens the schedule (the poly learning rate follows, since it is keyed to
+``cfg.epochs``); when the plan chose the epoch count and the first half of the run says more epochs would fit, it
+lengthens it (a count the user gave is never raised); when other load appears in the middle of an epoch, the epoch
+ends early at the deadline (the budget plus 5 %, leaving room for the last validation). Every change is recorded, so
+``run.py --plan plan.json`` replays the same schedule without looking at the clock.
 """
 from __future__ import annotations
 
@@ -107,7 +107,8 @@ class Pace:
             return
         recent = statistics.median(self.epoch_seconds[-3:])
         fit = epoch + max(0, math.floor((self.budget_s - self.elapsed) / recent))
-        longer = self.lengthen and fit > cfg.epochs and epoch <= cfg.epochs / 2  # late changes would jolt the learning rate
+        # late changes would jolt the learning rate
+        longer = self.lengthen and fit > cfg.epochs and epoch <= cfg.epochs / 2
         if fit < cfg.epochs or longer:
             cfg.epochs = fit
             self.changes.append([epoch, fit, None])

@@ -43,7 +43,8 @@ log = logging.getLogger("run")
 #: mean validation Dice mirroring must add to be kept (it multiplies inference time by 4 in 2D, 8 in 3D)
 TTA_MIN_GAIN = 0.002
 #: options that may differ between a run and its --resume
-RESUME_FREE = {"epochs", "epochs_planned", "resume", "progress", "figures", "device", "num_workers", "threads", "checkpoint_every"}
+RESUME_FREE = {"epochs", "epochs_planned", "resume", "progress", "figures", "device", "num_workers", "threads",
+               "checkpoint_every"}
 
 
 # ------------------------------------------------------------------------------ synthetic images

@@ -587,7 +587,8 @@ class DemoApp:
             # the SEG depends on the labels and the series only: a language or a setting that leaves the labels
             # as they were keeps the file already written (a large series takes seconds to encode)
             seg = out_dir / f"{diag.case}_seg.dcm"
-            seg_key = f"{diag.path}:{session.series}:{hashlib.sha256(np.ascontiguousarray(diag.labels).tobytes()).hexdigest()}"
+            digest = hashlib.sha256(np.ascontiguousarray(diag.labels).tobytes()).hexdigest()
+            seg_key = f"{diag.path}:{session.series}:{digest}"
         keep = seg if seg is not None and seg.is_file() and session.seg_key == seg_key else None
         for old in out_dir.iterdir():
             if old.is_file() and old != keep:

@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=d.checkpoint, help="where to save the best model (a file path)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide the per-epoch progress bar")
     p.add_argument("--no-figures", dest="figures", action="store_false",
-                   help="skip the PNG figures (scripted sweeps, servers); checkpoints and JSON results are written as always")
+                   help="skip the PNG figures (scripted sweeps, servers); checkpoints and JSON results are written "
+                        "as always")
     num(p, "--threads", "CPU threads for PyTorch (0 = one per core); 1 is much faster when other jobs share the cores")
     p.add_argument("--resume", action="store_true", help="continue from last.pth in --output-dir (after a crash or Ctrl-C)")
     num(p, "--checkpoint-every", "write last.pth and the best model after the first and the last epoch, and in between "

@@ -31,8 +31,9 @@ import run
 _hook_installed, opened = test_bad_input._hook_installed, test_bad_input.opened
 
 CASE_SECONDS = 30.0
-TINY = ["--epochs", "1", "--base-channels", "4", "--device", "cpu", "--precision", "fp32", "--no-progress", "--no-figures",
-        "--threads", "1", "--image-size", "32", "--num-samples", "12", "--samples-per-epoch", "8", "--batch-size", "4"]
+TINY = ["--epochs", "1", "--base-channels", "4", "--device", "cpu", "--precision", "fp32", "--no-progress",
+        "--no-figures", "--threads", "1", "--image-size", "32", "--num-samples", "12", "--samples-per-epoch", "8",
+        "--batch-size", "4"]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 

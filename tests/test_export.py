@@ -145,8 +145,8 @@ def test_round_trip_3d_two_channels(tmp_path):
 
 
 def test_synthetic_test_split(tmp_path):
-    cfg = TrainConfig(epochs=2, num_samples=40, image_size=32, base_channels=4, progress=False, threads=1, figures=False,
-                      output_dir=str(tmp_path / "out"), checkpoint=str(tmp_path / "best.pth"))
+    cfg = TrainConfig(epochs=2, num_samples=40, image_size=32, base_channels=4, progress=False, threads=1,
+                      figures=False, output_dir=str(tmp_path / "out"), checkpoint=str(tmp_path / "best.pth"))
     experiments.run_synthetic(cfg)
     onnx_path, _ = export.export_checkpoint(cfg.checkpoint, tmp_path / "best.onnx")
     net, info = export.load_onnx(onnx_path, threads=1)

@@ -134,8 +134,9 @@ def test_robustness_table_scores_every_perturbation_of_colour_photographs(tmp_pa
         Image.fromarray(img).save(root / "images" / f"p{i}.png")
         Image.fromarray(disc.astype(np.uint8) * 255).save(root / "masks" / f"p{i}.png")
     out = tmp_path / "out"
-    run_dataset(TrainConfig(data=str(root), epochs=2, image_size=32, base_channels=4, samples_per_epoch=32, figures=False,
-                            progress=False, output_dir=str(out), checkpoint=str(out / "best.pth"), threads=1))
+    run_dataset(TrainConfig(data=str(root), epochs=2, image_size=32, base_channels=4, samples_per_epoch=32,
+                            figures=False, progress=False, output_dir=str(out), checkpoint=str(out / "best.pth"),
+                            threads=1))
     res = robustness.robustness(out / "best.pth", root, out / "split.json")
     assert set(res["rows"]) == set(robustness.PERTURBATIONS) and res["test_images"] == 2
     assert all(0.0 <= r["dice"] <= 1.0 for r in res["rows"].values()) and res["rows"]["clean"]["loss"] == 0.0
