@@ -120,11 +120,8 @@ def _dense_in_format_of(x: torch.Tensor):
     that slice is strided, and the up-sampling's backward kernel takes a strided gradient to a slow generic
     path (and copies it between layouts). One dense copy lets it run its fast kernel; the values are the same.
     """
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        fmt = torch.channels_last
-    elif x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        fmt = torch.channels_last_3d
-    else:
+    fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    if not x.is_contiguous(memory_format=fmt):  # an NCHW model, or a 1x1 map whose layout is ambiguous
         fmt = torch.contiguous_format
     return lambda grad: grad.contiguous(memory_format=fmt)
 
