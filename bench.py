@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import math
+import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -146,6 +147,17 @@ def _best_variant(inf: dict, key: str) -> tuple[str, float] | None:
     return name, row[name]
 
 
+def median_seconds_to_target(r: dict, prefix: str = "") -> float | None:
+    """Median over seed 42 and the other seeds of the default run's seconds to validation Dice 0.95 (a seed that
+    never gets there counts as infinitely slow). Why a median: the epoch that first crosses 0.95 moves with the last
+    bits of the arithmetic (the same code on other seeds crosses anywhere from epoch 2 to 7), so one seed is a draw."""
+    runs = [r.get(f"{prefix}default_run", {}), *(r.get(f"{prefix}default_run_other_seeds") or {}).values()]
+    runs = [x for x in runs if isinstance(x, dict) and x]
+    if not runs:
+        return None
+    return statistics.median(math.inf if x.get("seconds_to_target") is None else x["seconds_to_target"] for x in runs)
+
+
 def evaluate_targets(r: dict) -> list[Target]:
     """The target lines from the collected results ``r`` (reference-dependent ones are n/a without it)."""
     ours_fp32, ours_auto = r.get("train_post_fp32", {}), r.get("train_post_auto", {})
@@ -159,7 +171,11 @@ def evaluate_targets(r: dict) -> list[Target]:
     t.append(Target("|test Dice bf16 - fp32|, post settings", ours_auto.get("test_dice"), ours_fp32.get("test_dice"),
                     gap, 0.01, "<="))
     s, ref_s = ours_def.get("seconds_to_target"), ref_post.get("seconds_to_target")
-    t.append(Target("seconds to val Dice 0.95, defaults (ref / ours)", s, ref_s, _ratio(ref_s, s), 6.0, ">=", "x"))
+    med = median_seconds_to_target(r)
+    t.append(Target("seconds to val Dice 0.95, seed median (ref 42 / ours)", med, ref_s,
+                    _ratio(ref_s, med), 6.0, ">=", "x"))
+    t.append(Target("seconds to val Dice 0.95, seed 42 (ref / ours)", s, ref_s, _ratio(ref_s, s),
+                    6.0, "info", "x"))
     w, ref_w = ours_def.get("wall_s"), ref_post.get("wall_s")
     t.append(Target("whole run.py wall (ours / ref)", w, ref_w, _ratio(w, ref_w), 0.25, "<="))
     best, best512 = _best_variant(inf, "256x256_b1"), _best_variant(inf, "512x512_b1")
@@ -232,11 +248,15 @@ def format_report(r: dict, targets: list[Target]) -> str:
                       f"default run wall {_f(_ratio(da.get('wall_s'), db.get('wall_s')), 3)}x"]
     seeds, levers = r.get("default_run_other_seeds"), r.get("default_run_levers")
     if seeds:
-        ours = {42: r.get("default_run", {}), **seeds}
-        lines += ["", "default run, epoch of the first validation Dice >= 0.95 (s) / test Dice, by seed:",
-                  f"  {'this version':34}" + "".join(f"{s}: {v.get('first_epoch_at_target')} "
-                                                     f"({_f(v.get('seconds_to_target'), 3)} s) {_f(v.get('test_dice'), 4)}   "
-                                                     for s, v in ours.items())]
+        lines += ["", "default run, epoch of the first validation Dice >= 0.95 (s) / test Dice, by seed; median s:"]
+        for prefix, name in (("", "this version"), ("before_", r.get("before") or "")):
+            runs = {42: r.get(f"{prefix}default_run", {}), **(r.get(f"{prefix}default_run_other_seeds") or {})}
+            if prefix and not r.get("before_default_run_other_seeds"):
+                continue
+            lines.append(f"  {name[-34:]:34}" + "".join(
+                f"{s}: {v.get('first_epoch_at_target')} ({_f(v.get('seconds_to_target'), 3)} s) "
+                f"{_f(v.get('test_dice'), 4)}   " for s, v in runs.items())
+                + f"median {_f(median_seconds_to_target(r, prefix), 3)} s")
         for name, per_seed in (levers or {}).items():
             lines.append(f"  {name:34}" + "".join(
                 f"{s}: {v.get('first_epoch_at_target')}" + (f" ({_f(v.get('seconds_to_target'), 3)} s)"
@@ -308,11 +328,12 @@ NOTES = {"train_images_per_second": "forward + backward + optimizer step only (b
          "peak_rss_mb": "each run in its own process, ru_maxrss from os.wait4"}
 
 
-def other_seeds(plan: Plan, threads: int) -> dict:
-    """The default run on the plan's extra seeds: the epoch that first crosses 0.95 moves with the last bits."""
+def other_seeds(plan: Plan, threads: int, root: Path = common.ROOT) -> dict:
+    """The default run of the checkout ``root`` on the plan's extra seeds: the epoch that first crosses 0.95 moves
+    with the last bits."""
     keys = ("first_epoch_at_target", "seconds_to_target", "test_dice", "train_seconds", "wall_s")
     return {seed: {k: rec.get(k) for k in keys} for seed in plan.extra_seeds
-            for rec in [common.run_default_pipeline(threads, [*plan.default_run_args, "--seed", str(seed)])]}
+            for rec in [common.run_default_pipeline(threads, [*plan.default_run_args, "--seed", str(seed)], root=root)]}
 
 
 def best_training_gflops(plan: Plan, precision: str) -> dict:
@@ -359,6 +380,8 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
 
     base = plan.model_base or TrainConfig().base_channels
     section("default_run_other_seeds", lambda: other_seeds(plan, threads))
+    if before:
+        section("before_default_run_other_seeds", lambda: other_seeds(plan, threads, before))
     section("inference", lambda: speed.bench_inference(
         base, plan.infer_sizes, plan.infer_batches, min_seconds=plan.infer_min_seconds, onnx=onnx,
         compile_model=compile_model, reference=reference, reference_base=plan.ref_base))
