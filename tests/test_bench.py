@@ -252,3 +252,17 @@ def test_time_to_dice_figure_draws_the_nnunet_peers_result(tmp_path, monkeypatch
     labels = [t.get_text() for t in ax.get_legend().get_texts()]
     assert len(labels) == 2 and labels[1] == "nnU-Net v2 3d_fullres (150 iterations)"
     assert ax.get_ylim()[0] <= 0.284 and (tmp_path / "t.png").stat().st_size > 0
+
+
+def test_whole_ct_profile_prints_where_predict_spends_its_time(tmp_path, capsys):
+    import nibabel as nib
+    import numpy as np
+
+    from benchmarks import whole_ct
+
+    vol = (np.random.default_rng(0).random((24, 24, 3)) * 400 - 100).astype(np.float32)  # HU-like, 3 slices
+    path = tmp_path / "ct.nii.gz"
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(path))
+    whole_ct.profile(path, top=60)
+    out = capsys.readouterr().out
+    assert "predict_case" in out and "predict_planes" in out and "write_case_files" in out
