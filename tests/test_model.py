@@ -178,12 +178,11 @@ def test_unet_uses_the_debiased_batchnorm_and_eval_sees_batch_statistics_after_o
 def test_batchnorm_compiles_to_one_graph_without_recompiling_per_step():
     """The batch count is a host value: under torch.compile the module is plain BatchNorm instead of a graph
     break plus one recompilation per training step."""
-    import torch._dynamo
-
     from model import BatchNorm2d
 
-    torch._dynamo.reset()
+    torch.compiler.reset()
     compiled = torch.compile(BatchNorm2d(3), backend="eager", fullgraph=True)
-    with torch._dynamo.config.patch(error_on_recompile=True):
+    compiled(torch.randn(2, 3, 4, 4))  # the one compilation
+    with torch.compiler.set_stance("fail_on_recompile"):
         for _ in range(3):
             compiled(torch.randn(2, 3, 4, 4))
