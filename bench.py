@@ -147,12 +147,16 @@ def _best_variant(inf: dict, key: str) -> tuple[str, float] | None:
     return name, row[name]
 
 
+def _seed_runs(r: dict, prefix: str = "") -> dict:
+    """The default run's records by seed: seed 42 (``default_run``) and ``default_run_other_seeds``."""
+    return {42: r.get(f"{prefix}default_run", {}), **(r.get(f"{prefix}default_run_other_seeds") or {})}
+
+
 def median_seconds_to_target(r: dict, prefix: str = "") -> float | None:
     """Median over seed 42 and the other seeds of the default run's seconds to validation Dice 0.95 (a seed that
     never gets there counts as infinitely slow). Why a median: the epoch that first crosses 0.95 moves with the last
     bits of the arithmetic (the same code on other seeds crosses anywhere from epoch 2 to 7), so one seed is a draw."""
-    runs = [r.get(f"{prefix}default_run", {}), *(r.get(f"{prefix}default_run_other_seeds") or {}).values()]
-    runs = [x for x in runs if isinstance(x, dict) and x]
+    runs = [x for x in _seed_runs(r, prefix).values() if isinstance(x, dict) and x]
     if not runs:
         return None
     return statistics.median(math.inf if x.get("seconds_to_target") is None else x["seconds_to_target"] for x in runs)
@@ -249,13 +253,13 @@ def format_report(r: dict, targets: list[Target]) -> str:
     seeds, levers = r.get("default_run_other_seeds"), r.get("default_run_levers")
     if seeds:
         lines += ["", "default run, epoch of the first validation Dice >= 0.95 (s) / test Dice, by seed; median s:"]
-        for prefix, name in (("", "this version"), ("before_", r.get("before") or "")):
-            runs = {42: r.get(f"{prefix}default_run", {}), **(r.get(f"{prefix}default_run_other_seeds") or {})}
-            if prefix and not r.get("before_default_run_other_seeds"):
-                continue
+        versions = [("", "this version")]
+        if r.get("before_default_run_other_seeds"):
+            versions.append(("before_", r["before"]))
+        for prefix, name in versions:
             lines.append(f"  {name[-34:]:34}" + "".join(
                 f"{s}: {v.get('first_epoch_at_target')} ({_f(v.get('seconds_to_target'), 3)} s) "
-                f"{_f(v.get('test_dice'), 4)}   " for s, v in runs.items())
+                f"{_f(v.get('test_dice'), 4)}   " for s, v in _seed_runs(r, prefix).items())
                 + f"median {_f(median_seconds_to_target(r, prefix), 3)} s")
         for name, per_seed in (levers or {}).items():
             lines.append(f"  {name:34}" + "".join(

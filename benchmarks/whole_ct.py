@@ -66,7 +66,7 @@ def whole_ct(series: Path, base: int = 32, size: int = 256, repeats: int = 2, th
 
 def profile(series: Path, top: int = 25) -> None:
     """Where the row's time goes: ``predict.main`` on ``series`` under cProfile in this process (start-up and
-    imports excluded), the functions with the most time of their own printed."""
+    imports excluded), the ``top`` functions by cumulative time printed."""
     import cProfile
     import pstats
 

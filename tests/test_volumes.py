@@ -27,8 +27,7 @@ def _nifti(path: Path, zyx: np.ndarray, spacing=(1.0, 1.0, 1.0)) -> Path:
 
 def _tiny_cfg(root: Path, out: Path, **kw) -> TrainConfig:
     base = dict(data=str(root), dim=3, epochs=6, base_channels=4, lr=1e-2, samples_per_epoch=32, progress=False,
-                figures=False,
-                output_dir=str(out), checkpoint=str(out / "best.pth"), threads=1)
+                figures=False, output_dir=str(out), checkpoint=str(out / "best.pth"), threads=1)
     return TrainConfig(**{**base, **kw})
 
 
