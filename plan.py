@@ -12,6 +12,7 @@ Rules (nnU-Net's, scaled to a laptop CPU; see docs/plan.md):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,9 @@ def patch_3d(median_shape: list[int], spacing: list[float], budget: int = PATCH_
 PATCH_PIXELS_2D = 160 * 160
 #: half-thickness (px) below which structures are thin: they keep the native resolution (vessels, fibres)
 THIN_PX = 4.0
+#: the smallest long side a photograph is scaled to (the U-Net's four poolings leave 4 x 4 pixels) and the step
+#: between the sides the plan tries
+MIN_SIDE_2D, SIDE_STEP_2D = 64, 16
 #: share of the budget for training steps; the rest is validation and the epochs' overhead
 STEP_SHARE = 0.85
 MIN_EPOCHS, MAX_EPOCHS = 8, 60
@@ -134,7 +138,7 @@ def plan_dataset(fp, user: dict, budget_minutes: float) -> Plan:
         plan.set("lr", 2e-3, "3D, batch 2", user)
     else:
         _plan_2d(plan, fp, user)
-        plan.set("lr", 1e-3, "2D, batch 8", user)
+        plan.set("lr", 5e-4, "2D, batch 8", user)
     plan.set("base_channels", 32, "a CPU-sized U-Net (32 filters at full resolution)", user)
     plan.set("lr_schedule", "poly", "a fixed budget ends at a small learning rate", user)
     rgb = fp.is_photo and all(c.channels == 3 for c in fp.cases)
@@ -149,9 +153,9 @@ def _plan_2d(plan: Plan, fp, user: dict) -> None:
     h, w = fp.median("shape")[-2:]
     long_side, budget_side = max(h, w), int(math.sqrt(PATCH_PIXELS_2D))
     thick = fp.thickness()
-    if fp.is_photo and long_side > budget_side and thick * budget_side / long_side >= THIN_PX:
-        plan.set("resize", budget_side, f"objects {thick:.0f} px thick: the image scaled to {budget_side} px keeps "
-                 f"them >= {THIN_PX:g} px", user)
+    if photo_sides(fp):
+        plan.set("resize", budget_side, f"objects {thick:.0f} px thick: the image scaled to at most {budget_side} px "
+                 f"(the budget picks the side, see choose_scale)", user)
         plan.set("image_size", budget_side, "the whole scaled image is one patch", user)
     else:
         patch = min(128, max(64, int(math.ceil(long_side / 16) * 16)))
@@ -159,6 +163,46 @@ def _plan_2d(plan: Plan, fp, user: dict) -> None:
                  "small planes: native resolution", user)
         plan.set("image_size", patch, f"planes of {h:.0f}x{w:.0f} px: {patch} px crops", user)
     plan.set("batch_size", 8, "2D: 8 patches per step", user)
+
+
+def photo_sides(fp) -> list[int]:
+    """Long sides (px, largest first) a photograph with thick objects may be scaled to: from the 2D pixel budget's
+    side down to MIN_SIDE_2D, while its objects stay at least THIN_PX thick; empty for other images."""
+    h, w = fp.median("shape")[-2:]
+    long_side, thick, top = max(h, w), fp.thickness(), int(math.sqrt(PATCH_PIXELS_2D))
+    if not fp.is_photo or long_side <= top:
+        return []
+    return [s for s in range(top, MIN_SIDE_2D - 1, -SIDE_STEP_2D) if thick * s / long_side >= THIN_PX]
+
+
+def _passes(plan: Plan, step_seconds: float, n_items: int) -> float:
+    """Passes over the training items (at least 256 patches each, as in :func:`size_schedule`) the budget fits."""
+    steps = plan.budget_minutes * 60 * STEP_SHARE / step_seconds
+    return steps * plan.values["batch_size"] / max(n_items, 256)
+
+
+def choose_scale(plan: Plan, fp, step_seconds_at: Callable[[int], float], n_items: int, user: dict) -> float:
+    """For a photograph the plan scales (neither ``resize`` nor ``image_size`` from the user, a time budget set):
+    the largest of :func:`photo_sides` at which the budget fits MAX_EPOCHS passes over the training images (the
+    user's ``epochs`` when given) at the step time ``step_seconds_at(side)`` measured on this machine; the smallest
+    side when none does. A from-scratch U-Net gains more from passes over the data than from pixels once the
+    objects are thick (docs/plan.md). Sets ``resize`` and ``image_size``; returns the step time at that side."""
+    sides = photo_sides(fp)
+    scalable = (plan.budget_minutes > 0 and sides and plan.values.get("resize") == sides[0]
+                and plan.sources.get("resize") == "plan" and plan.sources.get("image_size") == "plan")
+    if not scalable:
+        return step_seconds_at(plan.values["image_size"])
+    wanted = user.get("epochs", MAX_EPOCHS)
+    for side in sides:
+        step = step_seconds_at(side)
+        passes = _passes(plan, step, n_items)
+        if passes >= wanted or side == sides[-1]:
+            break
+    why = "fit" if passes >= wanted else f"fit only {passes:.0f} of"
+    plan.set("resize", side, f"objects {fp.thickness():.0f} px thick; at {side} px the {plan.budget_minutes:g} min "
+             f"{why} {wanted} passes over the images ({step * 1000:.0f} ms a step)", {})
+    plan.set("image_size", side, "the whole scaled image is one patch", {})
+    return step
 
 
 def size_schedule(plan: Plan, step_seconds: float, n_items: int, user: dict) -> None:

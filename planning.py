@@ -21,7 +21,7 @@ from checkpoint import update_checkpoint
 from errors import ConfigError
 from fileio import write_json_atomic
 from model import UNet
-from plan import Plan, plan_dataset, size_schedule
+from plan import Plan, choose_scale, plan_dataset, size_schedule
 from preprocess import Preprocessing
 
 log = logging.getLogger("run")
@@ -47,17 +47,29 @@ def plan_run(cfg, given: set[str], spec, refs: list, out_dir: Path) -> tuple[Pla
 
 def size_run(cfg, plan: Plan, given: set[str], prep: Preprocessing, split: dict, fp, device: torch.device,
              precision: str):
-    """Measure a few training steps of the planned network here and size the schedule to the budget."""
-    with torch.random.fork_rng():  # the measurement must not shift the seeded run (a --plan replay skips it)
-        model = UNet(prep.in_channels, prep.model_out_channels, cfg.base_channels, cfg.bilinear, prep.dim, prep.pool)
-        patch = prep.patch if prep.dim == 3 else [prep.patch_size] * 2
-        step_s = measure_step_seconds(model, (cfg.batch_size, prep.in_channels, *patch), prep.model_out_channels,
-                                      precision, device, cfg.channels_last, regions=prep.regions)
+    """Measure a few training steps of the planned network here, choose a photograph's scale by them
+    (:func:`plan.choose_scale`; ``prep`` follows) and size the schedule to the budget."""
+    def step_at(side: int) -> float:  # side: the 2D patch; a 3D run measures its planned patch
+        with torch.random.fork_rng():  # the measurement must not shift the seeded run (a --plan replay skips it)
+            model = UNet(prep.in_channels, prep.model_out_channels, cfg.base_channels, cfg.bilinear, prep.dim,
+                         prep.pool)
+            patch = prep.patch if prep.dim == 3 else [side] * 2
+            return measure_step_seconds(model, (cfg.batch_size, prep.in_channels, *patch), prep.model_out_channels,
+                                        precision, device, cfg.channels_last, regions=prep.regions)
+
     train = set(split["train"])
     n_items = sum(1 if prep.dim == 3 or len(c.shape) == 2 else c.shape[0] for c in fp.cases if c.case in train)
-    size_schedule(plan, step_s, n_items, {k: getattr(cfg, k) for k in given})
+    user = {k: getattr(cfg, k) for k in given}
+    if prep.dim == 2:
+        step_s = choose_scale(plan, fp, step_at, n_items, user)
+        if (prep.resize_long_side, prep.patch_size) != (plan.values["resize"], plan.values["image_size"]):
+            prep.resize_long_side, prep.patch_size = plan.values["resize"], plan.values["image_size"]
+            log.info("预处理 (按预算缩放后): %s", prep)
+    else:
+        step_s = step_at(0)
+    size_schedule(plan, step_s, n_items, user)
     cfg = replace(cfg, epochs=plan.values["epochs"], samples_per_epoch=plan.values["samples_per_epoch"],
-                  epochs_planned="epochs" not in given)
+                  epochs_planned="epochs" not in given, resize=prep.resize_long_side, image_size=prep.patch_size)
     log.info("计划 (plan.json; 用户给定的值优先):\n%s", plan.table())
     write_json_atomic(Path(cfg.output_dir) / "plan.json", {"format": PLAN_FORMAT, **asdict(plan)})  # --resume reads it
     return cfg

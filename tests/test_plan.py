@@ -7,8 +7,9 @@ import pytest
 import data_gen
 import run
 from budget import Pace
+from checkpoint import load_checkpoint, preprocessing_of
 from fingerprint import CaseFingerprint, Fingerprint
-from plan import PATCH_PIXELS_2D, plan_dataset, size_schedule
+from plan import PATCH_PIXELS_2D, choose_scale, photo_sides, plan_dataset, size_schedule
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -39,6 +40,39 @@ def test_photos_with_large_objects_are_scaled_to_the_pixel_budget_and_thin_struc
     assert tiny.values["image_size"] == 64 and tiny.values["photometric"] == 0.0
     ct = plan_dataset(fingerprint((512, 512), (0.7, 0.7), fmt="dicom", thickness=20.0), {}, 20)
     assert ct.values["resize"] is None and ct.values["photometric"] == 0.0  # scans are not rescaled like photos
+
+
+def test_the_budget_picks_a_photographs_scale_from_the_step_time_measured_at_each_side():
+    fp = fingerprint((530, 620), (1.0, 1.0), fmt="jpeg", channels=3, thickness=40.0)
+    assert photo_sides(fp) == [160, 144, 128, 112, 96, 80, 64]
+    measured = []
+
+    def step_at(side):  # a fake machine: a fixed cost and one that grows with the pixels
+        measured.append(side)
+        return 0.02 + 0.28 * (side / 160) ** 2
+
+    plan = plan_dataset(fp, {}, 20)
+    step = choose_scale(plan, fp, step_at, n_items=700, user={})
+    # 20 min x 85 % / step x 8 images / 700 passes: 160 px fits 39, 144 px 47, 128 px 59, 112 px 74 >= 60
+    assert plan.values["resize"] == plan.values["image_size"] == 112 and measured == [160, 144, 128, 112]
+    assert step == pytest.approx(0.1572) and "fit 60 passes" in plan.reasons["resize"]
+    short = plan_dataset(fp, {}, 5)
+    choose_scale(short, fp, step_at, 700, {})  # no side fits 60 passes in 5 min: the smallest
+    assert short.values["resize"] == 64 and "fit only" in short.reasons["resize"]
+    fewer = plan_dataset(fp, {}, 5)
+    choose_scale(fewer, fp, step_at, 700, {"epochs": 30})  # the user's epochs are the passes wanted
+    assert fewer.values["resize"] == 80  # 96 px fits 24 passes, 80 px 32
+    thin = fingerprint((530, 620), (1.0, 1.0), fmt="jpeg", channels=3, thickness=20.0)
+    assert photo_sides(thin)[-1] == 128  # objects must stay >= 4 px thick: 20 x 128 / 620 = 4.1
+    for user in ({"resize": 160}, {"image_size": 160}):  # a side the user gave is measured, never changed
+        mine = plan_dataset(fp, user, 5)
+        measured.clear()
+        choose_scale(mine, fp, step_at, 700, user)
+        assert mine.values["image_size"] == 160 and measured == [160]
+    vessels = plan_dataset(fingerprint((584, 565), (1.0, 1.0), fmt="tiff", channels=3, thickness=1.5), {}, 5)
+    measured.clear()
+    choose_scale(vessels, fingerprint((584, 565), (1.0, 1.0), fmt="tiff", thickness=1.5), step_at, 20, {})
+    assert vessels.values["resize"] is None and measured == [128]
 
 
 def test_labels_come_from_dataset_json_or_from_the_values_the_masks_hold():
@@ -113,26 +147,49 @@ def test_an_anisotropic_two_channel_dataset_trains_with_no_flags(tmp_path):
     assert (out / "fingerprint.json").is_file() and summary["step_seconds"] > 0
 
 
-def test_robustness_table_scores_every_perturbation_of_colour_photographs(tmp_path):
+def _write_photos(root, n: int, size: tuple[int, int], seed: int = 0) -> None:
+    """``n`` colour photographs of ``size`` px with one red disc each (a third of the image across), and masks."""
     import numpy as np
     from PIL import Image
 
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(seed)
+    h, w = size
+    yy, xx = np.mgrid[:h, :w]
+    for i in range(n):
+        cy, cx, r = rng.integers(h // 3, 2 * h // 3), rng.integers(w // 3, 2 * w // 3), rng.integers(h // 7, h // 5)
+        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
+        img = rng.integers(60, 120, (h, w, 3)).astype(np.uint8)
+        img[disc] = (200, 90, 80)
+        Image.fromarray(img).save(root / "images" / f"p{i}.png")
+        Image.fromarray(disc.astype(np.uint8) * 255).save(root / "masks" / f"p{i}.png")
+
+
+def test_the_scale_the_budget_picks_is_the_one_trained_predicted_and_recorded(tmp_path):
+    root, out = tmp_path / "photos", tmp_path / "out"
+    _write_photos(root, 8, (200, 240))
+    code = run.main(["--data", str(root), "--time-budget", "0.05", "--base-channels", "4", "--output-dir", str(out),
+                     "--checkpoint", str(out / "best.pth"), "--no-progress", "--no-figures", "--threads", "1"])
+    assert code == 0
+    plan = json.loads((out / "plan.json").read_text())
+    side = plan["values"]["resize"]
+    assert side in (160, 144, 128, 112, 96, 80, 64) and plan["values"]["image_size"] == side
+    assert "passes over the images" in plan["reasons"]["resize"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["preprocessing"]["resize_long_side"] == side and summary["preprocessing"]["patch_size"] == side
+    assert summary["config"]["resize"] == side and summary["config"]["image_size"] == side
+    _, ckpt = load_checkpoint(out / "best.pth", "cpu")
+    assert preprocessing_of(ckpt)[0].resize_long_side == side
+
+
+def test_robustness_table_scores_every_perturbation_of_colour_photographs(tmp_path):
     import robustness
     from experiments import run_dataset
     from train import TrainConfig
 
     root = tmp_path / "photos"
-    (root / "images").mkdir(parents=True)
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[:40, :40]
-    for i in range(10):
-        cy, cx, r = rng.integers(12, 28), rng.integers(12, 28), rng.integers(5, 9)
-        disc = (yy - cy) ** 2 + (xx - cx) ** 2 <= r * r
-        img = rng.integers(60, 120, (40, 40, 3)).astype(np.uint8)
-        img[disc] = (200, 90, 80)
-        Image.fromarray(img).save(root / "images" / f"p{i}.png")
-        Image.fromarray(disc.astype(np.uint8) * 255).save(root / "masks" / f"p{i}.png")
+    _write_photos(root, 10, (40, 40))
     out = tmp_path / "out"
     run_dataset(TrainConfig(data=str(root), epochs=2, image_size=32, base_channels=4, samples_per_epoch=32,
                             figures=False, progress=False, output_dir=str(out), checkpoint=str(out / "best.pth"),
