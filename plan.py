@@ -151,12 +151,11 @@ def _plan_2d(plan: Plan, fp, user: dict) -> None:
     """Scale and patch of a 2D run: the whole image when it fits the pixel budget once scaled down so that the
     objects keep a few pixels of thickness; thin structures keep the native resolution and train on crops."""
     h, w = fp.median("shape")[-2:]
-    long_side, budget_side = max(h, w), int(math.sqrt(PATCH_PIXELS_2D))
-    thick = fp.thickness()
-    if photo_sides(fp):
-        plan.set("resize", budget_side, f"objects {thick:.0f} px thick: the image scaled to at most {budget_side} px "
+    long_side, thick, sides = max(h, w), fp.thickness(), photo_sides(fp)
+    if sides:
+        plan.set("resize", sides[0], f"objects {thick:.0f} px thick: the image scaled to at most {sides[0]} px "
                  f"(the budget picks the side, see choose_scale)", user)
-        plan.set("image_size", budget_side, "the whole scaled image is one patch", user)
+        plan.set("image_size", sides[0], "the whole scaled image is one patch", user)
     else:
         patch = min(128, max(64, int(math.ceil(long_side / 16) * 16)))
         plan.set("resize", None, "thin structures: native resolution" if thick < THIN_PX * 2 else
@@ -188,8 +187,8 @@ def choose_scale(plan: Plan, fp, step_seconds_at: Callable[[int], float], n_item
     side when none does. A from-scratch U-Net gains more from passes over the data than from pixels once the
     objects are thick (docs/plan.md). Sets ``resize`` and ``image_size``; returns the step time at that side."""
     sides = photo_sides(fp)
-    scalable = (plan.budget_minutes > 0 and sides and plan.values.get("resize") == sides[0]
-                and plan.sources.get("resize") == "plan" and plan.sources.get("image_size") == "plan")
+    scalable = (plan.budget_minutes > 0 and sides and plan.sources.get("resize") == "plan"
+                and plan.sources.get("image_size") == "plan")
     if not scalable:
         return step_seconds_at(plan.values["image_size"])
     wanted = user.get("epochs", MAX_EPOCHS)

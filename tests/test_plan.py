@@ -69,9 +69,10 @@ def test_the_budget_picks_a_photographs_scale_from_the_step_time_measured_at_eac
         measured.clear()
         choose_scale(mine, fp, step_at, 700, user)
         assert mine.values["image_size"] == 160 and measured == [160]
-    vessels = plan_dataset(fingerprint((584, 565), (1.0, 1.0), fmt="tiff", channels=3, thickness=1.5), {}, 5)
+    retina = fingerprint((584, 565), (1.0, 1.0), fmt="tiff", channels=3, thickness=1.5)
+    vessels = plan_dataset(retina, {}, 5)
     measured.clear()
-    choose_scale(vessels, fingerprint((584, 565), (1.0, 1.0), fmt="tiff", thickness=1.5), step_at, 20, {})
+    choose_scale(vessels, retina, step_at, 20, {})
     assert vessels.values["resize"] is None and measured == [128]
 
 
