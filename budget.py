@@ -2,9 +2,10 @@
 
 Before training, :func:`measure_step_seconds` times a few training steps of the planned network on this machine (the
 plan turns that into epochs). During training, :class:`Pace` re-checks after every epoch: when the recent epochs say
-the run would overrun, it shortens the schedule (the poly learning rate follows, since it is keyed to
-``cfg.epochs``); when the plan chose the epoch count and the first half of the run says more epochs would fit, it
-lengthens it (a count the user gave is never raised); when other load appears in the middle of an epoch, the epoch
+the run would overrun, it shortens the schedule; when the plan chose the epoch count and even the slowest recent
+epoch says more epochs would fit, it lengthens it (a count the user gave is never raised). The poly learning rate
+follows either change without a jump (``train.PolyLR``), so the budget the machine frees late in a run is used too;
+when other load appears in the middle of an epoch, the epoch
 ends early at the deadline (the budget plus 5 %, leaving room for the last validation). Every change is recorded, so
 ``run.py --plan plan.json`` replays the same schedule without looking at the clock.
 """
@@ -90,9 +91,10 @@ class Pace:
         return stop
 
     def after_epoch(self, epoch: int, epoch_s: float, cfg) -> None:
-        """Shorten ``cfg.epochs`` when the remaining epochs would not fit, or (``lengthen``), in the first half of
-        the run, lengthen it when they would leave more than an epoch of the budget unused (the plan's step time is
-        measured on random data before training and is only an estimate); or replay the recorded change."""
+        """Shorten ``cfg.epochs`` when the remaining epochs would not fit at the median pace of the last three, or
+        (``lengthen``) lengthen it when more would fit even at the slowest of them (the plan's step time is measured
+        on random data before training and the machine's speed drifts; between the two estimates nothing changes,
+        so noise does not make the schedule swing); or replay the recorded change."""
         self.epoch_seconds.append(epoch_s)
         if self.replay is not None:
             for e, n, _ in self.replay:
@@ -105,11 +107,12 @@ class Pace:
         remaining = cfg.epochs - epoch
         if remaining <= 0:
             return
-        recent = statistics.median(self.epoch_seconds[-3:])
-        fit = epoch + max(0, math.floor((self.budget_s - self.elapsed) / recent))
-        # late changes would jolt the learning rate
-        longer = self.lengthen and fit > cfg.epochs and epoch <= cfg.epochs / 2
-        if fit < cfg.epochs or longer:
+        left = self.budget_s - self.elapsed
+        fit = epoch + max(0, math.floor(left / statistics.median(self.epoch_seconds[-3:])))
+        if fit >= cfg.epochs:  # longer only by what the slowest recent epoch allows, and only a planned count
+            slowest = epoch + max(0, math.floor(left / max(self.epoch_seconds[-3:])))
+            fit = max(cfg.epochs, slowest) if self.lengthen else cfg.epochs
+        if fit != cfg.epochs:
             cfg.epochs = fit
             self.changes.append([epoch, fit, None])
 

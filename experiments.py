@@ -390,7 +390,8 @@ def patch_data(cfg: TrainConfig, sets: dict, prep: Preprocessing) -> tuple:
         length = cfg.samples_per_epoch or max(64, len(sets["train"]))
         kw = {"fg_prob": cfg.fg_prob, "n_classes": prep.n_classes, "regions": prep.regions}
         train_data = datasets.PatchDataset3D(*vols["train"], prep.patch, length, seed=cfg.seed, **kw)
-        val = datasets.PatchDataset3D(*vols["val"], prep.patch, min(64, max(16, 2 * len(sets["val"]))), seed=cfg.seed + 1,
+        # one patch per case (at least 16): the whole-case Dice below is the score; this is the loss curve
+        val = datasets.PatchDataset3D(*vols["val"], prep.patch, min(64, max(16, len(sets["val"]))), seed=cfg.seed + 1,
                                       **kw)
     else:
         planes, labels, pads = datasets.training_planes(sets["train"], prep)

@@ -6,12 +6,15 @@ decisions through this module, so a model is run the same way wherever it runs.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import time
 
 import torch
 
 from errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
@@ -169,8 +172,10 @@ class ThreadPolicy:
     def update(self) -> int:
         """Re-check the load (automatic mode) and set the thread count; returns it."""
         if self.auto:
-            n = threads_for(self.meter.others())
+            others = self.meter.others()
+            n = threads_for(others)
             if n != torch.get_num_threads():
+                log.info("CPU 线程 %d -> %d (其他进程占用约 %.1f 个 CPU)", torch.get_num_threads(), n, others or 0.0)
                 torch.set_num_threads(n)
             self.meter.reset()
         return torch.get_num_threads()

@@ -274,12 +274,37 @@ def make_optimizer(model: nn.Module, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(params, lr=lr)
 
 
+class PolyLR(torch.optim.lr_scheduler.LRScheduler):
+    """nnU-Net's poly decay, LR x (1 - done/epochs)^0.9 after each epoch, where ``epochs()`` is the current count.
+
+    When the time budget changes the count mid-run, the LR does not jump to the new curve: from the last epoch
+    trained on the old count it decays from its value then to 0 at the new end. A jump up late in a run would
+    undo the annealing it has done; a jump down would waste the epochs it was shortened for."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, epochs: Callable[[], int]):
+        self.epochs = epochs
+        self.end, self.anchor, self.anchor_factor, self.factor = epochs(), 0, 1.0, 1.0
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        done = self.last_epoch
+        if self.epochs() != self.end:  # changed since the previous step, which set the LR of epoch `done`
+            self.anchor, self.anchor_factor, self.end = done - 1, self.factor, self.epochs()
+        span = self.end - self.anchor
+        self.factor = self.anchor_factor * max(0.0, (self.end - done) / span) ** 0.9 if span > 0 else 0.0
+        return [base * self.factor for base in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        """Numbers only (``epochs`` is a function of the run), so ``last.pth`` loads with ``weights_only=True``."""
+        return {k: v for k, v in super().state_dict().items() if k != "epochs"}
+
+
 def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig):
     """``plateau`` (the post's): halve the LR after ``lr_patience`` epochs without a lower validation loss.
-    ``poly`` (nnU-Net's): LR x (1 - done/epochs)^0.9 after each epoch, so a fixed budget ends at a small LR
+    ``poly`` (nnU-Net's, :class:`PolyLR`): decay to 0 at ``cfg.epochs``, so a fixed budget ends at a small LR
     whatever the validation noise; better when the epoch budget, not convergence, ends the run."""
     if cfg.lr_schedule == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda done: max(0.0, 1 - done / cfg.epochs) ** 0.9)
+        return PolyLR(optimizer, lambda: cfg.epochs)
     return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor,
                                                       patience=cfg.lr_patience)
 

@@ -118,10 +118,17 @@ def test_pace_shortens_the_schedule_when_epochs_run_slow_and_replays_recorded_ch
     pace.start(already_spent=30.0)  # 30 s gone, epochs of 20 s: 3 more fit
     pace.after_epoch(1, 20.0, cfg)
     assert cfg.epochs == 4 and pace.changes == [[1, 4, None]]
-    fast, cfg.epochs = Pace(100.0, lengthen=True), 4  # epochs of 10 s: 10 fit; the first half lengthens a planned count
+    fast, cfg.epochs = Pace(100.0, lengthen=True), 4  # epochs of 10 s: 10 fit; a planned count is lengthened
     fast.start()
     fast.after_epoch(1, 10.0, cfg)
     assert cfg.epochs == 10 and fast.changes == [[1, 10, None]]
+    late, cfg.epochs = Pace(100.0, lengthen=True), 8  # late in a run too, by what the slowest recent epoch allows
+    late.start(already_spent=55.0)  # 45 s left while these epochs are reported
+    for e, s in ((5, 10.0), (6, 8.0), (7, 6.0), (8, 20.0)):
+        late.after_epoch(e, s, cfg)
+    # 45 s / 10 s fit 4 more after epochs 5, 6 and 7; after the 20 s epoch the median (8 s) says 13 but the slowest
+    # says 10: between the two nothing changes
+    assert cfg.epochs == 11 and late.changes == [[5, 9, None], [6, 10, None], [7, 11, None]]
     fixed, cfg.epochs = Pace(100.0), 4  # the user's --epochs 4 is never raised
     fixed.start()
     fixed.after_epoch(1, 10.0, cfg)

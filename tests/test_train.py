@@ -1,4 +1,5 @@
 """Checkpoints, splits, devices and config validation."""
+import io
 import math
 import os
 import pickle
@@ -134,6 +135,27 @@ def test_fused_adam_and_poly_schedule():
         opt.step()
         sched.step()
     assert lrs == pytest.approx([1e-2 * (1 - e / 4) ** 0.9 for e in range(4)])
+    # the time budget changes the count mid-run: the LR goes on from its value, to 0 at the new end
+    cfg = TrainConfig(epochs=10, lr=1.0, lr_schedule="poly")
+    opt = make_optimizer(model, 1.0)
+    sched, lrs = make_scheduler(opt, cfg), []
+    for done in range(1, 15):
+        opt.step()
+        sched.step()
+        lrs.append(sched.get_last_lr()[0])
+        cfg.epochs = {5: 14, 9: 12}.get(done, cfg.epochs)  # lengthened after epoch 5, shortened after epoch 9
+    at5 = 0.5 ** 0.9  # the LR of epoch 6, set after epoch 5 on the old count
+    assert lrs[:5] == pytest.approx([(1 - e / 10) ** 0.9 for e in range(1, 6)])
+    assert lrs[5:9] == pytest.approx([at5 * ((14 - e) / 9) ** 0.9 for e in range(6, 10)])
+    at9 = lrs[8]
+    assert lrs[9:12] == pytest.approx([at9 * ((12 - e) / 3) ** 0.9 for e in range(10, 13)]) and lrs[11] == 0
+    assert all(b <= a for a, b in zip(lrs, lrs[1:]))  # never a jump up
+    buf = io.BytesIO()
+    torch.save(sched.state_dict(), buf)
+    buf.seek(0)
+    again = make_scheduler(make_optimizer(model, 1.0), cfg)
+    again.load_state_dict(torch.load(buf, weights_only=True))  # resumable from last.pth
+    assert (again.end, again.anchor, again.factor) == (sched.end, sched.anchor, sched.factor)
     assert isinstance(make_scheduler(opt, TrainConfig()), torch.optim.lr_scheduler.ReduceLROnPlateau)
     with pytest.raises(ConfigError, match="--lr-schedule"):
         TrainConfig(lr_schedule="cosine").validate()
