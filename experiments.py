@@ -422,7 +422,7 @@ def train_on_cases(cfg: TrainConfig, sets: dict, prep: Preprocessing, split: dic
         return {"loss": loss, "summary": summarize_rows(rows, prep)}
 
     model = UNet(n_channels=prep.in_channels, n_classes=prep.model_out_channels, base_channels=cfg.base_channels,
-                 bilinear=cfg.bilinear, dim=prep.dim, pool=prep.pool)
+                 bilinear=cfg.bilinear, dim=prep.dim, pool=prep.pool, norm=cfg.norm)
     size = "x".join(map(str, prep.patch)) if prep.dim == 3 else f"{prep.patch_size}x{prep.patch_size}"
     log.info("模型参数量: %s; 每轮 %d 个 %s 训练块", f"{count_parameters(model):,}", length, size)
     result = train_model(cfg, model, train_data, validate, device, precision,

@@ -136,6 +136,7 @@ def plan_dataset(fp, user: dict, budget_minutes: float) -> Plan:
                  f"{PATCH_VOXELS_3D} voxels", user)
         plan.set("batch_size", 2, "3D patches: 2 per step", user)
         plan.set("lr", 2e-3, "3D, batch 2", user)
+        plan.set("norm", "instance", "batches of 2 patches: per-patch statistics (nnU-Net's)", user)
     else:
         _plan_2d(plan, fp, user)
         plan.set("lr", 5e-4, "2D, batch 8", user)

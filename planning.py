@@ -52,7 +52,7 @@ def size_run(cfg, plan: Plan, given: set[str], prep: Preprocessing, split: dict,
     def step_at(side: int) -> float:  # side: the 2D patch; a 3D run measures its planned patch
         with torch.random.fork_rng():  # the measurement must not shift the seeded run (a --plan replay skips it)
             model = UNet(prep.in_channels, prep.model_out_channels, cfg.base_channels, cfg.bilinear, prep.dim,
-                         prep.pool)
+                         prep.pool, cfg.norm)
             patch = prep.patch if prep.dim == 3 else [side] * 2
             return measure_step_seconds(model, (cfg.batch_size, prep.in_channels, *patch), prep.model_out_channels,
                                         precision, device, cfg.channels_last, regions=prep.regions)

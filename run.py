@@ -17,6 +17,7 @@ import torch
 import data_gen
 from errors import MedSegError
 from experiments import run_dataset, run_synthetic
+from model import NORMS
 from planning import load_plan
 from options import TRAIN, Parser, add_number
 from preprocess import NORMALIZATIONS, WINDOW_PRESETS
@@ -58,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_number(p, "--base-channels", TRAIN["base_channels"], None,
                f"U-Net width of the first level (default: {_task_default('base_channels')})")
     p.add_argument("--no-bilinear", dest="bilinear", action="store_false", help="up-sample with transposed convolutions")
+    p.add_argument("--norm", choices=tuple(NORMS), default=d.norm,
+                   help="normalisation after each convolution (default: batch; with --data 3D the plan's: instance)")
     add_number(p, "--batch-size", TRAIN["batch_size"], None, "training batch size (default: 8, 3D: 2)")
     add_number(p, "--lr", TRAIN["lr"], None, f"Adam learning rate (default: {_task_default('lr')})")
     p.add_argument("--lr-schedule", choices=LR_SCHEDULES, default=d.lr_schedule,

@@ -28,6 +28,7 @@ from data_gen import DIFFICULTIES
 from errors import ConfigError, MedSegError
 from inference import probs_from_logits, probs_to_labels
 from metrics import class_mean, per_case_scores, segmentation_loss, summarize
+from model import NORMS
 from options import TRAIN
 from preprocess import NORMALIZATIONS, class_mask
 from runtime import ThreadPolicy, autocast, channels_last, make_grad_scaler, to_channels_last
@@ -50,6 +51,7 @@ class TrainConfig:
     image_size: int = 64
     base_channels: int | None = None  # None: TASK_DEFAULTS (16 for the seed preset, else 32)
     bilinear: bool = True
+    norm: str = "batch"  # batch or instance normalisation (the plan takes instance for 3D)
     batch_size: int | None = None  # None: 8 for 2D, 2 for 3D
     lr: float | None = None  # None: TASK_DEFAULTS (3e-3 for the seed preset, else 1e-3)
     seed: int = 42
@@ -119,7 +121,8 @@ class TrainConfig:
         if self.val_fraction + self.test_fraction >= 1:
             problems.append(f"--val-fraction + --test-fraction must be < 1 (got {self.val_fraction + self.test_fraction:g})")
         for name, choices in (("lr_schedule", LR_SCHEDULES), ("difficulty", DIFFICULTIES),
-                              ("normalize", ("auto", *NORMALIZATIONS)), ("in_channels", (0, 1, 3)), ("dim", (2, 3))):
+                              ("normalize", ("auto", *NORMALIZATIONS)), ("in_channels", (0, 1, 3)), ("dim", (2, 3)),
+                              ("norm", tuple(NORMS))):
             if getattr(self, name) not in choices:
                 problems.append(f"--{name.replace('_', '-')} must be one of {', '.join(map(str, choices))} "
                                 f"(got {getattr(self, name)!r})")

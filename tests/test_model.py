@@ -35,7 +35,7 @@ def test_post_sized_model_and_args():
     model = UNet(base_channels=64)
     assert 13_000_000 < count_parameters(model) < 13_500_000  # the post's U-Net, without redundant conv biases
     assert model.model_args == {"n_channels": 1, "n_classes": 1, "base_channels": 64, "bilinear": True, "dim": 2,
-                                "pool": None}
+                                "pool": None, "norm": "batch"}
 
 
 def test_folded_copy_keeps_its_bias_with_grad_enabled():
@@ -112,10 +112,62 @@ def test_3d_pooling_can_skip_a_coarse_axis_and_checks_the_minimum_size():
 
 def test_model_args_of_an_older_checkpoint_rebuild_the_2d_default():
     from checkpoint import build_model
-    old = {"n_channels": 1, "n_classes": 1, "base_channels": 4, "bilinear": True}  # written before dim / pool
+    old = {"n_channels": 1, "n_classes": 1, "base_channels": 4, "bilinear": True}  # written before dim / pool / norm
     model = build_model(old)
-    assert model.args.dim == 2 and model.min_size == (16, 16)
+    assert model.args.dim == 2 and model.min_size == (16, 16) and model.args.norm == "batch"
     model.load_state_dict(UNet(base_channels=4).state_dict())  # same parameter names as before
+
+
+def test_instance_norm_normalises_each_patch_alone_and_rebuilds_from_its_args():
+    from checkpoint import build_model
+    from model import fold_batchnorm
+    torch.manual_seed(0)
+    model = UNet(n_channels=1, n_classes=3, base_channels=2, dim=3, norm="instance")
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    x = torch.randn(2, 1, 33, 35, 32)  # odd sizes, 2 x 2 x 2 voxels at the bottom: statistics need more than one
+    model.train()
+    out = model(x)
+    assert out.shape == (2, 3, 33, 35, 32)
+    # no batch statistics: a patch's output does not depend on the other patch, and eval mode equals train mode
+    with torch.no_grad():
+        assert torch.allclose(model(x[:1]), out[:1].detach(), atol=1e-5)
+        model.eval()
+        assert torch.allclose(model(x), out.detach(), atol=1e-5)
+        assert torch.allclose(fold_batchnorm(model)(x), out.detach(), atol=1e-5)  # nothing to fold
+    again = build_model(model.model_args)
+    again.load_state_dict(model.state_dict())
+    assert again.args.norm == "instance"
+    with pytest.raises(ValueError, match="norm one of batch, instance"):
+        UNet(norm="group")
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 6, 7, 4), (1, 3, 9, 8), (3, 4, 5, 6)])
+def test_instance_norm_equals_the_plain_layer_in_the_channels_last_layout(shape):
+    """The per-item batch-norm path (``model._PerItemBatchNorm``) against ``torch.nn``'s instance norm: values and
+    gradients, channels-last input, output in the input's layout."""
+    from model import InstanceNorm2d, InstanceNorm3d
+    torch.manual_seed(0)
+    dim = len(shape) - 2
+    ours = (InstanceNorm2d if dim == 2 else InstanceNorm3d)(shape[1], affine=True)
+    plain = (torch.nn.InstanceNorm2d if dim == 2 else torch.nn.InstanceNorm3d)(shape[1], affine=True)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 2.0)
+        ours.bias.uniform_(-1.0, 1.0)
+        plain.load_state_dict(ours.state_dict())
+    fmt = torch.channels_last if dim == 2 else torch.channels_last_3d
+    x = (torch.randn(shape) * 3 + 1).contiguous(memory_format=fmt)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    a, b = ours(xa), plain(xb)
+    assert torch.allclose(a, b, atol=1e-5) and a.is_contiguous(memory_format=fmt)
+    g = torch.randn(shape)
+    (a * g).sum().backward()
+    (b * g).sum().backward()
+    assert torch.allclose(xa.grad, xb.grad, atol=1e-4)
+    assert torch.allclose(ours.weight.grad, plain.weight.grad, atol=1e-4)
+    assert torch.allclose(ours.bias.grad, plain.bias.grad, atol=1e-4)
+    ours.eval()
+    with torch.no_grad():
+        assert torch.allclose(ours(x), b.detach(), atol=1e-5)  # the same in eval mode: no running statistics
 
 
 def test_batchnorm_running_stats_are_a_debiased_average():

@@ -23,9 +23,9 @@ def fingerprint(shape, spacing, *, n=20, fmt="nifti", channels=1, thickness=5.0,
 def test_isotropic_volumes_get_a_3d_plan_and_anisotropic_ones_2d():
     iso = plan_dataset(fingerprint((36, 50, 35), (1.0, 1.0, 1.0)), {}, 20)
     assert iso.values["dim"] == 3 and iso.values["patch"] == "40,56,40" and iso.values["spacing"] == "1,1,1"
-    assert iso.values["batch_size"] == 2
+    assert iso.values["batch_size"] == 2 and iso.values["norm"] == "instance"  # 2 patches: no batch statistics
     aniso = plan_dataset(fingerprint((12, 96, 96), (5.0, 0.8, 0.8)), {}, 20)
-    assert aniso.values["dim"] == 2 and "thicker" in aniso.reasons["dim"]
+    assert aniso.values["dim"] == 2 and "thicker" in aniso.reasons["dim"] and "norm" not in aniso.values
     assert aniso.values["image_size"] == 96 and aniso.values["resize"] is None
 
 
