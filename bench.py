@@ -276,6 +276,11 @@ def format_report(r: dict, targets: list[Target]) -> str:
         lines += ["", head]
         lines += [f"  {k:20} {tuple(v['shape'])!s:24} {v['dense_ms']:8.1f} / {v['plain_ms']:8.1f}"
                   for k, v in up.items() if isinstance(v, dict)]
+    inorm = r.get("instance_norm")
+    if inorm:
+        lines += ["", f"3D training ms/step {tuple(inorm['shape'])} (base {inorm['base_channels']}, "
+                      f"{inorm['precision']}): BatchNorm / instance norm per item / torch's instance norm",
+                  f"  {inorm['batch_ms']:8.1f} / {inorm['instance_per_item_ms']:8.1f} / {inorm['instance_plain_ms']:8.1f}"]
     for rec in (r.get(k, {}) for k in ("inference", "inference_real_width")):
         inf = rec.get("ms_per_image", {})
         if inf:
@@ -401,6 +406,8 @@ def run_benchmark(plan: Plan, baseline: str | None, repeats: int, out_dir: Path,
     section("training_levers", lambda: speed.training_levers(plan.post, plan.lever_steps, POST_LR, compile_model))
     section("upsampling_gradient", lambda: speed.upsampling_gradient_lever(
         plan.real_step_shapes, plan.model_base or REAL_BASE, plan.real_step_repeats, plan.lever_steps))
+    section("instance_norm", lambda: speed.instance_norm_lever(
+        plan.real_step_shapes["3d_40x56x40"], plan.model_base or REAL_BASE, plan.real_step_repeats, plan.lever_steps))
     section("default_run_levers", lambda: accuracy.default_choices_levers(
         (42, *plan.extra_seeds), plan.default_run_args, plan.quick, threads))
     section("scaling", lambda: speed.scaling_curves(plan, precision, reference))

@@ -31,6 +31,9 @@ MIN_INPUT_SIZE = 16
 #: hand the up-sampling's backward a dense gradient (:func:`_dense_in_format_of`); False gives the plain backward
 #: (the benchmark's lever ``upsampling_gradient``, and the test that both agree)
 DENSE_UPSAMPLING_GRADIENT = True
+#: compute instance normalisation per batch item with the batch-norm kernel (:class:`_PerItemBatchNorm`); False gives
+#: torch's plain layer (the benchmark's lever ``instance_norm``, and the test that both agree)
+PER_ITEM_INSTANCE_NORM = True
 
 
 class _DebiasedRunningStats:
@@ -87,7 +90,7 @@ class _PerItemBatchNorm:
     The ONNX export traces the plain layer."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.affine or self.track_running_stats or torch.onnx.is_in_onnx_export():
+        if not (PER_ITEM_INSTANCE_NORM and self.affine) or self.track_running_stats or torch.onnx.is_in_onnx_export():
             return super().forward(x)
         out = [F.batch_norm(xi, None, None, self.weight, self.bias, True, 0.0, self.eps) for xi in x.split(1)]
         return out[0] if len(out) == 1 else torch.cat(out)

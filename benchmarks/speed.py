@@ -334,6 +334,27 @@ def upsampling_gradient_lever(shapes: dict[str, tuple[int, ...]], base: int, rep
     return out
 
 
+def instance_norm_lever(shape: tuple[int, ...], base: int, repeats: int, steps: int) -> dict:
+    """ms per training step (as :func:`upsampling_gradient_lever`) of a U-Net of width ``base`` on a random
+    ``(N, C, *spatial)`` batch with BatchNorm, with instance norm computed per item (``model.PER_ITEM_INSTANCE_NORM``)
+    and with torch's plain instance norm, interleaved ``repeats`` times; the medians."""
+    precision = "bf16" if bf16_supported(CPU) else "fp32"
+    times: dict[str, list[float]] = {"batch": [], "instance_per_item": [], "instance_plain": []}
+    for _ in range(repeats):
+        for variant, measured in times.items():
+            model_module.PER_ITEM_INSTANCE_NORM = variant != "instance_plain"
+            try:
+                torch.manual_seed(0)
+                net = UNet(shape[1], 3, base, True, len(shape) - 2, norm=variant.split("_")[0])
+                measured.append(1000.0 * measure_step_seconds(net, shape, 3, precision, CPU, steps=steps))
+            finally:
+                model_module.PER_ITEM_INSTANCE_NORM = True
+    out = {"precision": precision, "base_channels": base, "shape": list(shape),
+           **{f"{k}_ms": statistics.median(v) for k, v in times.items()}}
+    log.info("instance norm lever: %s", out)
+    return out
+
+
 # -------------------------------------------------------------------------------------------- scaling
 def scaling_curves(plan, precision: str, reference: ModuleType | None = None) -> dict:
     """Seconds per training epoch against image size (default config) and against dataset size (smallest size)."""

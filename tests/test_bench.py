@@ -125,6 +125,10 @@ def test_training_timing_peak_and_scaling_figure(tmp_path):
         lever = speed.upsampling_gradient_lever({"2d": (2, 1, 32, 32), "3d": (2, 2, 16, 16, 16)}, 4, 1, 1)
     assert all(lever[k]["dense_ms"] > 0 and lever[k]["plain_ms"] > 0 for k in ("2d", "3d"))
     assert model_module.DENSE_UPSAMPLING_GRADIENT  # the lever leaves the model as it found it
+    with one_thread():
+        inorm = speed.instance_norm_lever((2, 1, 32, 32, 32), 4, 1, 1)
+    assert min(inorm[k] for k in ("batch_ms", "instance_per_item_ms", "instance_plain_ms")) > 0
+    assert model_module.PER_ITEM_INSTANCE_NORM
     scaling = {"epoch_images": 140,
                "image_size": [{"image_size": s, "seconds_per_epoch": s / 64, "reference_seconds_per_epoch": s / 16}
                               for s in (32, 64)],
@@ -176,9 +180,13 @@ def test_seconds_to_dice_median_and_targets():
     assert status["peak RSS MB, 256px training, post's model"] == "PASS"
     assert status["max |Dice bf16 variant - fp32|, realistic synthetic"] == "PASS"
     assert status["max |Dice bf16 variant - fp32|, real"] == "n/a"
+    inorm = {"precision": "bf16", "base_channels": 32, "shape": [2, 1, 40, 56, 40], "batch_ms": 400.0,
+             "instance_per_item_ms": 600.0, "instance_plain_ms": 950.0}
     text = bench.format_report({**r, "machine": common.machine_info(), "plan": {"quick": True},
-                                "inference": {**r["inference"], "base_channels": 32}}, bench.evaluate_targets(r))
+                                "inference": {**r["inference"], "base_channels": 32}, "instance_norm": inorm},
+                               bench.evaluate_targets(r))
     assert "PASS" in text and "FAIL" in text and "folded_bf16_autocast_cl" in text
+    assert "instance norm per item" in text and "600.0 /    950.0" in text
 
 
 def test_run_process_measures_wall_rss_and_json():
@@ -219,7 +227,8 @@ def test_resume_keeps_measured_sections_and_refuses_another_plans(tmp_path, monk
     scaling = {"epoch_images": 140, "image_size": [{"image_size": 32, "seconds_per_epoch": 0.5}],
                "dataset_size": [{"image_size": 32, "images": 8, "seconds_per_epoch": 0.1}]}
     sections = ("default_run_other_seeds", "inference", "thread_scaling", "conv_peak", "training_gflops",
-                "training_levers", "upsampling_gradient", "default_run_levers", "precision_synthetic")
+                "training_levers", "upsampling_gradient", "instance_norm", "default_run_levers",
+                "precision_synthetic")
     stored = {"plan": json.loads(json.dumps(bench.plain(bench.asdict(plan)), default=float)), "before": None,
               "default_run": {"wall_s": 9.0}, "scaling": scaling, **{k: {"kept": True} for k in sections}}
     (tmp_path / "bench.json").write_text(json.dumps(stored))
@@ -228,7 +237,8 @@ def test_resume_keeps_measured_sections_and_refuses_another_plans(tmp_path, monk
         raise AssertionError("a kept section was measured again")
     for mod, names in ((bench, ("interleaved_runs",)), (common, ("run_default_pipeline",)),
                        (speed, ("bench_inference", "thread_scaling", "conv_peak", "training_gflops",
-                                "training_levers", "upsampling_gradient_lever", "scaling_curves")),
+                                "training_levers", "upsampling_gradient_lever", "instance_norm_lever",
+                                "scaling_curves")),
                        (accuracy, ("default_choices_levers", "precision_check_synthetic"))):
         for name in names:
             monkeypatch.setattr(mod, name, measured)
