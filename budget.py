@@ -5,9 +5,9 @@ plan turns that into epochs). During training, :class:`Pace` re-checks after eve
 the run would overrun, it shortens the schedule; when the plan chose the epoch count and even the slowest recent
 epoch says more epochs would fit, it lengthens it (a count the user gave is never raised). The poly learning rate
 follows either change without a jump (``train.PolyLR``), so the budget the machine frees late in a run is used too;
-when other load appears in the middle of an epoch, the epoch
-ends early at the deadline (the budget plus 5 %, leaving room for the last validation). Every change is recorded, so
-``run.py --plan plan.json`` replays the same schedule without looking at the clock.
+when other load appears in the middle of an epoch, the epoch ends early at the deadline (the budget plus 5 %, leaving
+room for the last validation). Every change is recorded, so ``run.py --plan plan.json`` replays the same schedule
+without looking at the clock.
 """
 from __future__ import annotations
 

@@ -66,7 +66,7 @@ def run_synthetic(cfg: TrainConfig) -> dict:
     if dist_info.main and cfg.figures:
         visualize.plot_synthetic_samples(data.images[split["train"]], data.lesions[split["train"]], out_dir, seed=cfg.seed)
 
-    model = UNet(n_channels=1, n_classes=1, base_channels=cfg.base_channels, bilinear=cfg.bilinear)
+    model = UNet(n_channels=1, n_classes=1, base_channels=cfg.base_channels, bilinear=cfg.bilinear, norm=cfg.norm)
     log.info("模型参数量: %s", f"{count_parameters(model):,}")
     val, bs = subsets["val"], max(cfg.batch_size, 16)
     prep = synthetic_preprocessing(cfg)
