@@ -280,7 +280,8 @@ def format_report(r: dict, targets: list[Target]) -> str:
     if inorm:
         lines += ["", f"3D training ms/step {tuple(inorm['shape'])} (base {inorm['base_channels']}, "
                       f"{inorm['precision']}): BatchNorm / instance norm per item / torch's instance norm",
-                  f"  {inorm['batch_ms']:8.1f} / {inorm['instance_per_item_ms']:8.1f} / {inorm['instance_plain_ms']:8.1f}"]
+                  "  " + " / ".join(f"{inorm[k]:8.1f}" for k in ("batch_ms", "instance_per_item_ms",
+                                                                  "instance_plain_ms"))]
     for rec in (r.get(k, {}) for k in ("inference", "inference_real_width")):
         inf = rec.get("ms_per_image", {})
         if inf:

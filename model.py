@@ -88,7 +88,7 @@ class _PerItemBatchNorm:
     batch-norm kernel keeps the layout. The ONNX export traces the plain layer."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (PER_ITEM_INSTANCE_NORM and self.affine) or self.track_running_stats or torch.onnx.is_in_onnx_export():
+        if not PER_ITEM_INSTANCE_NORM or self.track_running_stats or torch.onnx.is_in_onnx_export():
             return super().forward(x)
         out = [F.batch_norm(xi, None, None, self.weight, self.bias, True, 0.0, self.eps) for xi in x.split(1)]
         return out[0] if len(out) == 1 else torch.cat(out)

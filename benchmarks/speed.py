@@ -311,6 +311,23 @@ def training_levers(post: dict, steps: int, lr: float, compile_model: bool = Fal
     return out
 
 
+def _interleaved_step_ms(shape: tuple[int, ...], flag: str, variants: dict[str, tuple[bool, str]], base: int,
+                         repeats: int, steps: int, precision: str) -> dict[str, float]:
+    """Median ms per training step of a width-``base`` U-Net on a random ``shape`` batch for each variant
+    ``name: (value of model.<flag>, norm)``, the variants interleaved ``repeats`` times; the flag is restored."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(repeats):
+        for name, (on, norm) in variants.items():
+            setattr(model_module, flag, on)
+            try:
+                torch.manual_seed(0)
+                net = UNet(shape[1], 3, base, True, len(shape) - 2, norm=norm)
+                times[name].append(1000.0 * measure_step_seconds(net, shape, 3, precision, CPU, steps=steps))
+            finally:
+                setattr(model_module, flag, True)
+    return {f"{name}_ms": statistics.median(v) for name, v in times.items()}
+
+
 def upsampling_gradient_lever(shapes: dict[str, tuple[int, ...]], base: int, repeats: int, steps: int) -> dict:
     """ms per training step (bf16 where supported, channels-last, as real-data runs train) of U-Nets of width
     ``base`` on random batches of each ``(N, C, *spatial)`` shape, with and without the dense up-sampling gradient
@@ -318,18 +335,9 @@ def upsampling_gradient_lever(shapes: dict[str, tuple[int, ...]], base: int, rep
     precision = "bf16" if bf16_supported(CPU) else "fp32"
     out: dict = {"precision": precision, "base_channels": base}
     for name, shape in shapes.items():
-        dim = len(shape) - 2
-        times: dict[str, list[float]] = {"dense": [], "plain": []}
-        for _ in range(repeats):
-            for variant, measured in times.items():
-                model_module.DENSE_UPSAMPLING_GRADIENT = variant == "dense"
-                try:
-                    torch.manual_seed(0)
-                    net = UNet(shape[1], 3, base, True, dim)
-                    measured.append(1000.0 * measure_step_seconds(net, shape, 3, precision, CPU, steps=steps))
-                finally:
-                    model_module.DENSE_UPSAMPLING_GRADIENT = True
-        out[name] = {"shape": list(shape), **{f"{k}_ms": statistics.median(v) for k, v in times.items()}}
+        out[name] = {"shape": list(shape), **_interleaved_step_ms(
+            shape, "DENSE_UPSAMPLING_GRADIENT", {"dense": (True, "batch"), "plain": (False, "batch")}, base, repeats,
+            steps, precision)}
         log.info("up-sampling gradient lever %s: %s", name, out[name])
     return out
 
@@ -339,18 +347,9 @@ def instance_norm_lever(shape: tuple[int, ...], base: int, repeats: int, steps: 
     ``(N, C, *spatial)`` batch with BatchNorm, with instance norm computed per item (``model.PER_ITEM_INSTANCE_NORM``)
     and with torch's plain instance norm, interleaved ``repeats`` times; the medians."""
     precision = "bf16" if bf16_supported(CPU) else "fp32"
-    times: dict[str, list[float]] = {"batch": [], "instance_per_item": [], "instance_plain": []}
-    for _ in range(repeats):
-        for variant, measured in times.items():
-            model_module.PER_ITEM_INSTANCE_NORM = variant != "instance_plain"
-            try:
-                torch.manual_seed(0)
-                net = UNet(shape[1], 3, base, True, len(shape) - 2, norm=variant.split("_")[0])
-                measured.append(1000.0 * measure_step_seconds(net, shape, 3, precision, CPU, steps=steps))
-            finally:
-                model_module.PER_ITEM_INSTANCE_NORM = True
+    variants = {"batch": (True, "batch"), "instance_per_item": (True, "instance"), "instance_plain": (False, "instance")}
     out = {"precision": precision, "base_channels": base, "shape": list(shape),
-           **{f"{k}_ms": statistics.median(v) for k, v in times.items()}}
+           **_interleaved_step_ms(shape, "PER_ITEM_INSTANCE_NORM", variants, base, repeats, steps, precision)}
     log.info("instance norm lever: %s", out)
     return out
 
